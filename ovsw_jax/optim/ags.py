@@ -1,0 +1,114 @@
+"""Adaptive Gradient Scaling (AGS), OvSW's first transform (spec section 2)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ovsw_jax.optim import _common
+
+
+class ScaleByAgsState(NamedTuple):
+  """State of `scale_by_ags`.
+
+  Attributes:
+    count: number of updates so far (int32), for a `delta` schedule.
+    scaled_fraction: per parameter leaf, the fraction of its output channels
+      whose gradient AGS scaled up at the last step (float32 scalar). A
+      measurement only: AGS itself is stateless.
+  """
+  count: jax.Array
+  scaled_fraction: Any
+
+
+def scale_by_ags(
+    delta: float | jax.Array | optax.Schedule = 0.01,
+    *,
+    axis: int = -1,
+    grad_eps: float = 1e-6,
+    param_eps: float = 1e-3,
+    mask: Any | Callable[[optax.Params], Any] | None = None,
+) -> optax.GradientTransformation:
+  r"""Scales up each output channel's gradient whose norm is small next to its weight's.
+
+  Per output channel `o` of every leaf (Xiang et al., 2024, Eq. 6):
+
+  .. math::
+    gn_o = \max(\|g_o\|_2, \epsilon_g), \quad pn_o = \max(\|w_o\|_2, \epsilon_w)
+
+    g_o \leftarrow g_o \cdot \delta \, pn_o / gn_o \quad \text{if } gn_o / pn_o < \delta
+
+  so the ratio of gradient to weight norm is at least `delta`, and a weight far
+  from zero still gets an update large enough to change sign. A zero gradient
+  stays zero. This is the mirror image of `optax.adaptive_grad_clip`, which
+  scales gradients *down* when the ratio is *above* a threshold. Put it first,
+  on the raw loss gradient.
+
+  Args:
+    delta: the threshold ratio (the paper's lambda), a float or a schedule.
+      0.04 in the release's CIFAR sweep, 0.01 for ImageNet.
+    axis: output-channel axis of the kernels (-1 for Flax's HWIO).
+    grad_eps: lower bound of the gradient norm.
+    param_eps: lower bound of the weight norm.
+    mask: a pytree of bools or a callable returning one; only True leaves are
+      scaled (use `binary_weight_mask` for the weights of binary layers).
+
+  Returns:
+    An `optax.GradientTransformation`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, ovsw_jax as ow
+    >>> params = {'w': jnp.ones((3, 3, 2, 4))}
+    >>> tx = ow.scale_by_ags(delta=0.1)
+    >>> state = tx.init(params)
+    >>> grads = {'w': jnp.full((3, 3, 2, 4), 1e-4)}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> float(jnp.linalg.norm(updates['w'][..., 0]) / jnp.linalg.norm(params['w'][..., 0]))
+    0.1...
+
+  References:
+    Xiang et al., "OvSW: Overcoming Silent Weights for Accurate Binary Neural
+    Networks", ECCV 2024, https://arxiv.org/abs/2407.05257
+  """
+  _common.check_non_negative("delta", delta)
+
+  def init_fn(params):
+    for leaf in jax.tree.leaves(params):
+      if leaf.ndim < 2:
+        raise ValueError(
+            f"scale_by_ags: a parameter of shape {leaf.shape} has rank < 2; AGS "
+            "acts per output channel of kernels. Pass mask=binary_weight_mask "
+            "(or a mask excluding 1-D parameters).")
+    return ScaleByAgsState(
+        count=jnp.zeros([], jnp.int32),
+        scaled_fraction=jax.tree.map(lambda _: jnp.zeros([], jnp.float32), params))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise _common.no_params_error("scale_by_ags")
+    d = jnp.asarray(_common.value_at(delta, state.count), jnp.float32)
+
+    def scale(g, w):
+      if g.ndim < 2:
+        raise ValueError(
+            f"scale_by_ags: the gradient of shape {g.shape} has rank < 2; mask "
+            "out 1-D parameters (mask=binary_weight_mask).")
+      gn = jnp.maximum(_common.per_channel_norm(g, axis), grad_eps)
+      pn = jnp.maximum(_common.per_channel_norm(w, axis), param_eps)
+      small = gn / pn < d
+      factor = jnp.where(small, d * pn / gn, 1.0)
+      return (g.astype(jnp.float32) * factor).astype(g.dtype), jnp.mean(small.astype(jnp.float32))
+
+    pairs = jax.tree.map(scale, updates, params)
+    is_pair = lambda x: isinstance(x, tuple)
+    new_updates = jax.tree.map(lambda p: p[0], pairs, is_leaf=is_pair)
+    fractions = jax.tree.map(lambda p: p[1], pairs, is_leaf=is_pair)
+    return new_updates, ScaleByAgsState(
+        count=optax.safe_increment(state.count), scaled_fraction=fractions)
+
+  tx = optax.GradientTransformation(init_fn, update_fn)
+  return optax.masked(tx, mask) if mask is not None else tx
+

@@ -1,0 +1,73 @@
+"""The OvSW chain and the mask that picks the weights it acts on (spec section 4)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import optax
+
+from ovsw_jax.layers import LATENT_KERNEL
+from ovsw_jax.optim.ags import scale_by_ags
+from ovsw_jax.optim.sad import add_sad_penalty
+
+
+def _key_name(entry) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def binary_weight_mask(params: Any) -> Any:
+  """A pytree of bools: True exactly on the latent kernels of binary layers.
+
+  Binary layers (`BinaryConv`) name their latent weight `latent_kernel`; every
+  other parameter (the full-precision stem, shortcut convs, classifier,
+  BatchNorm, biases) is False. Works on params, gradients, or any tree of the
+  same structure, frozen or not.
+  """
+  params = flax.core.unfreeze(params) if isinstance(params, flax.core.FrozenDict) else params
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: bool(path) and _key_name(path[-1]) == LATENT_KERNEL, params)
+
+
+def ovsw(
+    delta: float | jax.Array | optax.Schedule = 0.01,
+    dampen_weight: float | jax.Array | optax.Schedule = 2e-5,
+    track_momentum: float | jax.Array = 0.999,
+    track_threshold: float | jax.Array = 1e-4,
+    *,
+    mask: Any | Callable[[optax.Params], Any] | None = binary_weight_mask,
+) -> optax.GradientTransformation:
+  """AGS then SAD, ready to chain in front of any Optax optimizer.
+
+  The release's step is loss gradient -> AGS -> SAD -> weight decay ->
+  momentum -> learning rate, that is::
+
+    optax.chain(ovsw(delta, dampen_weight), optax.add_decayed_weights(wd),
+                optax.sgd(lr, momentum=0.9))
+
+  Args:
+    delta: AGS threshold (the paper's lambda); see `scale_by_ags`.
+    dampen_weight: SAD strength (gamma); see `add_sad_penalty`.
+    track_momentum: SAD's tracker momentum m.
+    track_threshold: SAD's silence threshold sigma.
+    mask: which leaves OvSW acts on; by default the latent kernels of binary
+      layers (`binary_weight_mask`). None applies it to every leaf.
+
+  Returns:
+    An `optax.GradientTransformation` whose state is
+    `(ScaleByAgsState, AddSadPenaltyState)` (each inside `optax.MaskedState`
+    when masked), readable with `optax.tree.get(state, 'tracker')`.
+
+  Example:
+    >>> import optax, ovsw_jax as ow
+    >>> tx = optax.chain(ow.ovsw(delta=0.04, dampen_weight=9e-4),
+    ...                  optax.add_decayed_weights(5e-4),
+    ...                  optax.sgd(0.1, momentum=0.9))
+  """
+  return optax.chain(
+      scale_by_ags(delta, mask=mask),
+      add_sad_penalty(dampen_weight, track_momentum, track_threshold, mask=mask))
