@@ -103,7 +103,7 @@ def scale_by_ags(
       return (g.astype(jnp.float32) * factor).astype(g.dtype), jnp.mean(small.astype(jnp.float32))
 
     pairs = jax.tree.map(scale, updates, params)
-    is_pair = lambda x: isinstance(x, tuple)
+    is_pair = lambda x: type(x) is tuple  # pylint: disable=unidiomatic-typecheck (MaskedNode is a tuple too)
     new_updates = jax.tree.map(lambda p: p[0], pairs, is_leaf=is_pair)
     fractions = jax.tree.map(lambda p: p[1], pairs, is_leaf=is_pair)
     return new_updates, ScaleByAgsState(

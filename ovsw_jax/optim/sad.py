@@ -105,7 +105,7 @@ def add_sad_penalty(
       return g, s, bitpack.pack_signs(w), jnp.mean(silent.astype(jnp.float32))
 
     out = jax.tree.map(step, updates, params, state.tracker, state.prev_signs)
-    is_out = lambda x: isinstance(x, tuple)
+    is_out = lambda x: type(x) is tuple  # pylint: disable=unidiomatic-typecheck (MaskedNode is a tuple too)
     pick = lambda i: jax.tree.map(lambda o: o[i], out, is_leaf=is_out)
     return pick(0), AddSadPenaltyState(
         count=optax.safe_increment(state.count), tracker=pick(1),

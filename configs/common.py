@@ -1,0 +1,127 @@
+"""Fields every config shares, and the `arg` switches of `--config=FILE:ARG`.
+
+ARG is a comma-separated list of:
+  vanilla   AGS and SAD off (the paper's vanilla BNN baseline).
+  ags       AGS only.   sad   SAD only.   ovsw   both (the default).
+  runlocal  a seconds-long smoke run: tiny model, a few steps, small batches.
+Any field can also be overridden on the command line: `--config.ovsw.delta=0.02`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+ARMS = ("vanilla", "ags", "sad", "ovsw")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults shared by all settings; each config file overrides what its recipe says."""
+  c = ml_collections.ConfigDict()
+  # Data (see ovsw_jax/input_pipeline.py).
+  c.dataset = "digits"
+  c.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir.
+  c.image_size = 224           # ImageNet crop size.
+  c.augment = True
+  # Model (see ovsw_jax/models).
+  c.model = "resnet20"
+  c.model_kwargs = ml_collections.ConfigDict()
+  c.half_precision = False     # bfloat16 compute, float32 params.
+  # Recipe (spec section 7).
+  c.seed = 0
+  c.batch_size = 256           # global, over all devices and hosts.
+  c.eval_batch_size = 256
+  c.num_epochs = 600
+  c.num_train_steps = -1       # > 0 overrides num_epochs.
+  c.warmup_epochs = 5
+  c.learning_rate = 0.1
+  c.lr_schedule = "epoch_cosine"
+  c.optimizer = "sgd"
+  c.momentum = 0.9
+  c.weight_decay = 5e-4
+  c.wd_exclude_1d = False      # True: no weight decay on BatchNorm, biases, PReLU.
+  c.label_smoothing = 0.0
+  # OvSW (spec sections 2-4).
+  c.ovsw = ml_collections.ConfigDict()
+  c.ovsw.ags = True
+  c.ovsw.sad = True
+  c.ovsw.delta = 0.01
+  c.ovsw.dampen_weight = 2e-5
+  c.ovsw.track_momentum = 0.999
+  c.ovsw.track_threshold = 1e-4
+  # Loop.
+  c.log_every_steps = 100
+  c.eval_every_epochs = 1
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.distributed_init = False   # call jax.distributed.initialize() (multi-host).
+  return c
+
+
+def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """Applies the `:ARG` switches (see module docstring)."""
+  for word in filter(None, (arg or "").split(",")):
+    if word == "vanilla":
+      c.ovsw.ags, c.ovsw.sad = False, False
+    elif word == "ags":
+      c.ovsw.ags, c.ovsw.sad = True, False
+    elif word == "sad":
+      c.ovsw.ags, c.ovsw.sad = False, True
+    elif word == "ovsw":
+      c.ovsw.ags, c.ovsw.sad = True, True
+    elif word == "runlocal":
+      c.num_train_steps = 4
+      c.batch_size = c.eval_batch_size = 8
+      c.log_every_steps = 2
+      c.checkpoint_every_steps = 2
+      c.model = "tiny_imagenet" if c.dataset == "imagenet2012" else "tiny"
+      c.model_kwargs = ml_collections.ConfigDict()
+      if c.dataset == "imagenet2012":
+        c.image_size = 64
+    else:
+      raise ValueError(f"Unknown config arg {word!r}: use any of "
+                       f"{ARMS + ('runlocal',)}, comma-separated.")
+  return c
+
+
+def cifar_recipe(dataset: str, model: str) -> ml_collections.ConfigDict:
+  """The release's CIFAR recipe: 600 epochs, batch 256, lr 0.1 cosine with 5
+  warm-up epochs, weight decay 5e-4 on all parameters, delta 0.04, gamma 9e-4."""
+  c = base_config()
+  c.dataset = dataset
+  c.model = model
+  c.batch_size = 256
+  c.eval_batch_size = 500
+  c.num_epochs = 600
+  c.warmup_epochs = 5
+  c.learning_rate = 0.1
+  c.lr_schedule = "epoch_cosine"
+  c.weight_decay = 5e-4
+  c.wd_exclude_1d = False
+  c.ovsw.delta = 0.04
+  c.ovsw.dampen_weight = 9e-4
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 1000
+  return c
+
+
+def imagenet_recipe(model: str, warmup_epochs: int) -> ml_collections.ConfigDict:
+  """The release's ImageNet recipe: 200 epochs, batch 512, lr 0.1 cosine, weight
+  decay 1e-4 except on 1-D parameters, delta 0.01, gamma 2e-5."""
+  c = base_config()
+  c.dataset = "imagenet2012"
+  c.model = model
+  c.image_size = 224
+  c.batch_size = 512
+  c.eval_batch_size = 500
+  c.num_epochs = 200
+  c.warmup_epochs = warmup_epochs
+  c.learning_rate = 0.1
+  c.lr_schedule = "epoch_cosine"
+  c.weight_decay = 1e-4
+  c.wd_exclude_1d = True
+  c.ovsw.delta = 0.01
+  c.ovsw.dampen_weight = 2e-5
+  c.half_precision = True  # the release trains under fp16 autocast; bf16 here.
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 2000
+  return c

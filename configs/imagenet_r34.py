@@ -1,0 +1,19 @@
+"""OvSW, ResNet-34, ImageNet (imagenet2012): the release's recipe (spec section 7).
+
+Launch (prepare the data first: README, "ImageNet"):
+  python -m ovsw_jax.main --config=configs/imagenet_r34.py --workdir=runs/imagenet_r34 \
+      --config.data_dir=$TFDS_DATA_DIR
+Multi-host: launch/gpu_multinode.sh or launch/tpu_pod.sh.
+Vanilla BNN baseline: --config=configs/imagenet_r34.py:vanilla
+Hardware assumed: 8 GPUs (global batch 512, 64 per GPU) or a TPU v3-8; 200 epochs.
+Expected top-1: 65.5% (the paper's abstract, best epoch, fp16 autocast in the release).
+
+Warm-up: the release's config has none, its README command uses 5 epochs; this
+file follows the config (--config.warmup_epochs=5 for the other reading).
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  return common.apply_arg(common.imagenet_recipe("resnet34", warmup_epochs=0), arg)

@@ -1,0 +1,49 @@
+"""Entry point: `python -m ovsw_jax.main --config=configs/imagenet_r18.py --workdir=DIR`.
+
+`--config` is an ml_collections config file (any field overridable as
+`--config.field=value`); without it the embedded default (`configs/default.py`,
+binary ResNet on scikit-learn's 8x8 digits) runs. The run resumes from the
+newest checkpoint in `--workdir`.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parent.parent / "configs" / "default.py")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+config_flags.DEFINE_config_file(
+    "config", _DEFAULT_CONFIG, "Training configuration file.", lock_config=True)
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  # Imported here so `--help` stays fast and TF never grabs an accelerator.
+  import jax  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], "GPU")
+  if FLAGS.config.distributed_init:
+    jax.distributed.initialize()
+  from ovsw_jax import input_pipeline, train  # pylint: disable=g-import-not-at-top
+  logging.info("JAX process %d / %d, local devices: %s", jax.process_index(),
+               jax.process_count(), jax.local_devices())
+  try:
+    result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except input_pipeline.DatasetNotPreparedError as e:
+    sys.exit(f"error: {e}")
+  if result:
+    logging.info("Final: %s", {k: v for k, v in result.items() if "/" not in k})
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,155 @@
+"""The paper's instruments (spec section 8): flip ratio, silent ratio, OvSW's own fractions.
+
+`FlipState` lives in the train state (so it is checkpointed) and holds, per
+binary kernel, bit-packed: the signs at initialisation, the signs at the start
+of the current interval (an epoch, say), and which weights have ever flipped.
+All functions are pure and take the binary-weight mask as a pytree of bools.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ovsw_jax import bitpack
+
+
+class FlipState(NamedTuple):
+  """Sign history of the binary weights (leaves are None where the mask is False).
+
+  Attributes:
+    init_signs: signs at initialisation (`bitpack.pack_signs`).
+    interval_signs: signs at the start of the current interval.
+    ever_flipped: True where the sign has differed from its initial sign at
+      the end of any step so far (`bitpack.pack_bits`).
+  """
+  init_signs: Any
+  interval_signs: Any
+  ever_flipped: Any
+
+
+def _masked_map(fn, mask, *trees):
+  return jax.tree.map(lambda m, *xs: fn(*xs) if m else None, mask, *trees)
+
+
+def init_flip_state(params: Any, mask: Any) -> FlipState:
+  """Starts the sign history at `params`."""
+  signs = _masked_map(bitpack.pack_signs, mask, params)
+  never = _masked_map(lambda p: bitpack.pack_bits(jnp.zeros(p.shape, bool)), mask, params)
+  return FlipState(init_signs=signs, interval_signs=signs, ever_flipped=never)
+
+
+def update_flip_state(flips: FlipState, params: Any, mask: Any) -> FlipState:
+  """Records which weights of `params` (after a step) differ from their initial sign."""
+  def ever(init, old, p):
+    changed = bitpack.sign_changed(init, p)
+    return old | bitpack.pack_bits(changed)
+  ever_flipped = jax.tree.map(
+      lambda m, i, e, p: ever(i, e, p) if m else None,
+      mask, flips.init_signs, flips.ever_flipped, params, is_leaf=lambda x: x is None)
+  return flips._replace(ever_flipped=ever_flipped)
+
+
+def start_interval(flips: FlipState, params: Any, mask: Any) -> FlipState:
+  """Starts a new flip-ratio interval at `params`."""
+  return flips._replace(interval_signs=_masked_map(bitpack.pack_signs, mask, params))
+
+
+def _popcount(packed: jax.Array) -> jax.Array:
+  return jnp.sum(jnp.unpackbits(packed).astype(jnp.int32))
+
+
+def _path_name(path) -> str:
+  parts = []
+  for entry in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(entry, attr):
+        parts.append(str(getattr(entry, attr)))
+        break
+  return "/".join(parts)
+
+
+def _per_layer(values: dict[str, tuple[jax.Array, int]], prefix: str) -> dict[str, jax.Array]:
+  """`{prefix: overall, prefix/layer: ratio}` from per-layer (count, total) pairs."""
+  out = {}
+  total_count = sum(c for c, _ in values.values())
+  total = sum(n for _, n in values.values())
+  out[prefix] = total_count / max(total, 1)
+  for name, (c, n) in values.items():
+    out[f"{prefix}/{name}"] = c / n
+  return out
+
+
+def _layers(mask, *trees):
+  """Yields (layer name, leaves...) for each masked leaf."""
+  flat_mask = jax.tree_util.tree_flatten_with_path(mask)[0]
+  flat = [jax.tree.leaves(t, is_leaf=lambda x: x is None) for t in trees]
+  for i, (path, m) in enumerate(flat_mask):
+    if m:
+      yield (_path_name(path[:-1]) or _path_name(path),) + tuple(f[i] for f in flat)
+
+
+def silent_ratio(flips: FlipState, params: Any, mask: Any) -> dict[str, jax.Array]:
+  """Fraction of binary weights whose sign never changed since initialisation.
+
+  Overall (key `silent_ratio`) and per layer (`silent_ratio/<layer path>`).
+  A weight counts as flipped if its sign at the end of any recorded step
+  differed from its initial sign (paper Fig. 1: 54.07% vanilla, 2.03% OvSW).
+  """
+  values = {}
+  for name, p, ever in _layers(mask, params, flips.ever_flipped):
+    values[name] = (p.size - _popcount(ever), p.size)
+  return _per_layer(values, "silent_ratio")
+
+
+def flip_ratio(flips: FlipState, params: Any, mask: Any) -> dict[str, jax.Array]:
+  """Fraction of binary weights whose sign now differs from the interval's start.
+
+  Overall (`flip_ratio`) and per layer (`flip_ratio/<layer path>`); the paper's
+  Fig. 1c plots it per epoch.
+  """
+  values = {}
+  for name, p, start in _layers(mask, params, flips.interval_signs):
+    values[name] = (jnp.sum(bitpack.sign_changed(start, p)), p.size)
+  return _per_layer(values, "flip_ratio")
+
+
+def step_flip_fraction(old_params: Any, new_params: Any, mask: Any) -> jax.Array:
+  """Fraction of binary weights whose sign changed in one step (a scalar)."""
+  flipped, total = 0, 0
+  for _, old, new in _layers(mask, old_params, new_params):
+    flipped += jnp.sum(jnp.sign(old) != jnp.sign(new))
+    total += old.size
+  return flipped / max(total, 1)
+
+
+def _measurements(opt_state: Any, key: str, params: Any, mask: Any, weight_fn):
+  """Per-layer values of an OvSW measurement stored in the optimizer state."""
+  found = optax.tree.get_all_with_path(opt_state, key)
+  if not found:
+    return {}
+  tree = found[0][1]
+  flat_mask = jax.tree_util.tree_flatten_with_path(mask)[0]
+  leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+  param_leaves = jax.tree.leaves(params)
+  values = {}
+  for (path, m), v, p in zip(flat_mask, leaves, param_leaves):
+    if m and not isinstance(v, optax.MaskedNode):
+      n = weight_fn(p)
+      values[_path_name(path[:-1])] = (v * n, n)
+  return _per_layer(values, key) if values else {}
+
+
+def ovsw_fractions(opt_state: Any, params: Any, mask: Any) -> dict[str, jax.Array]:
+  """SAD's silent fraction and AGS's scaled-channel fraction at the last step.
+
+  Read from the optimizer state (`silent_fraction`, `scaled_fraction`), overall
+  (weighted by weights, resp. channels) and per layer. Empty where OvSW is off.
+  """
+  out = {}
+  out.update(_measurements(opt_state, "silent_fraction", params, mask, lambda p: p.size))
+  out.update(_measurements(opt_state, "scaled_fraction", params, mask, lambda p: p.shape[-1]))
+  return out

@@ -1,0 +1,322 @@
+"""Training and evaluation: a pure train step under `jax.pmap`, orbax checkpoints, clu metrics.
+
+The shape follows flax's `examples/imagenet`: `create_train_state`, a pure
+`train_step(state, batch, ...)` that knows of parallelism only its
+`axis_name`, `eval_step`, and `train_and_evaluate(config, workdir)`, which
+resumes automatically from the newest checkpoint in `workdir`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import signal
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from clu import metric_writers, metrics as clu_metrics, parameter_overview, periodic_actions
+
+from ovsw_jax import checkpointing, input_pipeline, metrics, models
+from ovsw_jax.optim import binary_weight_mask
+from ovsw_jax.optim.factory import create_learning_rate_fn, create_optimizer
+
+AXIS = "batch"
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run needs to continue bitwise: all of it is checkpointed.
+
+  `rng` is a raw uint32 key (`jax.random.key_data`), kept for stochastic parts
+  of future models; data order and augmentation are keyed by (seed, step).
+  """
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  flips: metrics.FlipState
+  rng: jax.Array
+
+
+@flax.struct.dataclass
+class TrainMetrics(clu_metrics.Collection):
+  loss: clu_metrics.Average.from_output("loss")
+  accuracy: clu_metrics.Average.from_output("accuracy")
+  top5: clu_metrics.Average.from_output("top5")
+  step_flip_ratio: clu_metrics.Average.from_output("step_flip_ratio")
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Raised when the training loss becomes NaN or Inf."""
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int,
+                 bn_axis_name: str | None = AXIS) -> nn.Module:
+  """The configured model, computing in bfloat16 when `config.half_precision`."""
+  dtype = jnp.bfloat16 if config.half_precision else jnp.float32
+  kwargs = dict(config.get("model_kwargs", {}) or {})
+  return models.get_model(config.model, num_classes=num_classes, dtype=dtype,
+                          bn_axis_name=bn_axis_name, **kwargs)
+
+
+def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation,
+                       image_shape: tuple[int, ...]) -> TrainState:
+  """Initialises params, batch stats, optimizer and flip history (pure)."""
+  init_rng, state_rng = jax.random.split(rng)
+  variables = model.init(init_rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32),
+                         train=False)
+  params = variables["params"]
+  mask = binary_weight_mask(params)
+  return TrainState(
+      step=jnp.zeros([], jnp.int32),
+      params=params,
+      batch_stats=variables.get("batch_stats", {}),
+      opt_state=tx.init(params),
+      flips=metrics.init_flip_state(params, mask),
+      rng=jax.random.key_data(state_rng))
+
+
+def _classification_metrics(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+  logits = logits.astype(jnp.float32)
+  k = min(5, logits.shape[-1])
+  topk = jax.lax.top_k(logits, k)[1]
+  return {
+      "accuracy": (topk[:, 0] == labels).astype(jnp.float32),
+      "top5": jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32),
+  }
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
+                  label_smoothing: float = 0.0) -> jax.Array:
+  """Per-example cross entropy with optional label smoothing."""
+  targets = jax.nn.one_hot(labels, num_classes)
+  if label_smoothing:
+    targets = optax.smooth_labels(targets, label_smoothing)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
+               tx: optax.GradientTransformation, learning_rate_fn: optax.Schedule,
+               num_classes: int, label_smoothing: float = 0.0,
+               axis_name: str | None = AXIS) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimisation step (pure). Gradients and metrics are averaged over `axis_name`.
+
+  BatchNorm statistics are averaged by the model itself (its `bn_axis_name`).
+  Returns the new state and this step's metrics (means over the global batch),
+  including OvSW's measurements read from the optimizer state.
+  """
+  def loss_fn(params):
+    logits, new_vars = model.apply(
+        {"params": params, "batch_stats": state.batch_stats}, batch["image"],
+        train=True, mutable=["batch_stats"])
+    loss = jnp.mean(cross_entropy(logits, batch["label"], num_classes, label_smoothing))
+    return loss, (logits, new_vars.get("batch_stats", {}))
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if axis_name is not None:
+    grads = jax.lax.pmean(grads, axis_name)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  mask = binary_weight_mask(params)
+  step_metrics = {
+      "loss": loss,
+      **{k: jnp.mean(v) for k, v in _classification_metrics(logits, batch["label"]).items()},
+      "step_flip_ratio": metrics.step_flip_fraction(state.params, params, mask),
+  }
+  if axis_name is not None:
+    step_metrics = jax.lax.pmean(step_metrics, axis_name)
+  step_metrics["learning_rate"] = learning_rate_fn(state.step)
+  for key, value in metrics.ovsw_fractions(opt_state, params, mask).items():
+    if "/" not in key:
+      step_metrics[key] = value
+  new_state = state.replace(
+      step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
+      flips=metrics.update_flip_state(state.flips, params, mask))
+  return new_state, step_metrics
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
+              num_classes: int, axis_name: str | None = AXIS) -> dict[str, jax.Array]:
+  """Sums of loss, correct top-1 / top-5 and example count over the real (unmasked) examples."""
+  logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                       batch["image"], train=False)
+  weight = batch["mask"].astype(jnp.float32)
+  per_example = _classification_metrics(logits, batch["label"])
+  sums = {
+      "loss": jnp.sum(cross_entropy(logits, batch["label"], num_classes) * weight),
+      "accuracy": jnp.sum(per_example["accuracy"] * weight),
+      "top5": jnp.sum(per_example["top5"] * weight),
+      "count": jnp.sum(weight),
+  }
+  return jax.lax.psum(sums, axis_name) if axis_name is not None else sums
+
+
+def _shard(batch: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+  """Reshapes a host batch to `(local_devices, per_device, ...)` for pmap."""
+  def reshape(x):
+    if x.shape[0] % n:
+      raise ValueError(f"A batch of {x.shape[0]} does not split over {n} local devices: "
+                       "make the batch size a multiple of the device count.")
+    return x.reshape((n, -1) + x.shape[1:])
+  return jax.tree.map(reshape, batch)
+
+
+def evaluate(p_eval_step: Callable, state: TrainState, config: ml_collections.ConfigDict,
+             global_batch_size: int) -> dict[str, float]:
+  """One exact pass over the evaluation split (no example dropped or counted twice)."""
+  totals = None
+  for batch in input_pipeline.eval_iterator(
+      config, global_batch_size=global_batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count()):
+    sums = p_eval_step(state, _shard(batch, jax.local_device_count()))
+    sums = jax.tree.map(lambda x: np.asarray(x)[0], sums)
+    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+  count = max(float(totals["count"]), 1.0)
+  return {"eval_loss": float(totals["loss"]) / count,
+          "eval_accuracy": float(totals["accuracy"]) / count,
+          "eval_top5": float(totals["top5"]) / count,
+          "eval_count": float(totals["count"])}
+
+
+def instruments(state: TrainState) -> dict[str, float]:
+  """The paper's instruments, overall and per binary layer, from the train state."""
+  mask = binary_weight_mask(state.params)
+  out = {}
+  out.update(metrics.silent_ratio(state.flips, state.params, mask))
+  out.update(metrics.flip_ratio(state.flips, state.params, mask))
+  out.update(metrics.ovsw_fractions(state.opt_state, state.params, mask))
+  return {k: float(v) for k, v in out.items()}
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop polls, so it can checkpoint and stop."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread: leave signals alone.
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: checkpointing and stopping.")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_config(config: ml_collections.ConfigDict, devices: int) -> None:
+  for name in ("batch_size", "eval_batch_size"):
+    value = config[name]
+    if value <= 0 or value % (devices * jax.process_count()):
+      raise ValueError(
+          f"config.{name}={value} must be a positive multiple of the global device "
+          f"count ({devices * jax.process_count()}); set --config.{name}=...")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns final metrics."""
+  n_local = jax.local_device_count()
+  _check_config(config, jax.device_count() // jax.process_count())
+  info = input_pipeline.get_info(config)
+  steps_per_epoch = max(info.num_train // config.batch_size, 1)
+  num_steps = (config.num_train_steps if config.get("num_train_steps", -1) > 0
+               else int(config.num_epochs * steps_per_epoch))
+  learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
+
+  model = create_model(config, info.num_classes)
+  tx = create_optimizer(config, learning_rate_fn)
+  state = create_train_state(jax.random.key(config.seed), model, tx, info.image_shape)
+  mask = binary_weight_mask(state.params)
+
+  manager = checkpointing.create_manager(f"{workdir}/checkpoints",
+                                         max_to_keep=config.keep_checkpoints)
+  restored = checkpointing.restore_latest(manager, state)
+  if restored is not None:
+    state = restored
+    logging.info("Resumed from step %d.", int(state.step))
+  start_step = int(state.step)
+
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0)
+  if start_step == 0:
+    writer.write_hparams({k: v for k, v in config.to_dict().items()
+                          if isinstance(v, (int, float, str, bool))})
+    parameter_overview.log_parameter_overview(state.params)
+
+  p_train_step = jax.pmap(
+      functools.partial(train_step, model=model, tx=tx, learning_rate_fn=learning_rate_fn,
+                        num_classes=info.num_classes,
+                        label_smoothing=config.label_smoothing, axis_name=AXIS),
+      axis_name=AXIS, in_axes=(None, 0), out_axes=(None, 0), donate_argnums=(0,))
+  p_eval_step = jax.pmap(
+      functools.partial(eval_step, model=model, num_classes=info.num_classes, axis_name=AXIS),
+      axis_name=AXIS, in_axes=(None, 0), out_axes=0)
+
+  train_iter = input_pipeline.train_iterator(
+      config, global_batch_size=config.batch_size, start_step=start_step, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  hooks = []
+  if jax.process_index() == 0:
+    hooks.append(periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer))
+
+  log_every = max(int(config.log_every_steps), 1)
+  sync_every = min(log_every, 16)  # bound queued steps (XLA CPU collectives can deadlock)
+  eval_every = max(int(config.eval_every_epochs * steps_per_epoch), 1)
+  ckpt_every = max(int(config.checkpoint_every_steps), 1)
+  train_metrics = None
+  final = {}
+  logging.info("Training %d steps (%d per epoch) from step %d.", num_steps,
+               steps_per_epoch, start_step)
+  with _Preemption() as preemption:
+    for step in range(start_step, num_steps):
+      batch = _shard(next(train_iter), n_local)
+      state, step_metrics = p_train_step(state, batch)
+      update = TrainMetrics.single_from_model_output(
+          **{k: step_metrics[k][0] for k in ("loss", "accuracy", "top5", "step_flip_ratio")})
+      train_metrics = update if train_metrics is None else train_metrics.merge(update)
+      for hook in hooks:
+        hook(step + 1)
+      done = step + 1
+      if done % sync_every == 0 or done == num_steps:
+        loss = float(step_metrics["loss"][0])
+        if not math.isfinite(loss):
+          raise NonFiniteLossError(
+              f"Loss became {loss} at step {done}; lower --config.learning_rate or check the "
+              "data. The last good checkpoint is in the workdir.")
+      if done % log_every == 0 or done == num_steps:
+        summary = {f"train_{k}": float(v) for k, v in train_metrics.compute().items()}
+        summary["learning_rate"] = float(step_metrics["learning_rate"][0])
+        for key in ("silent_fraction", "scaled_fraction"):
+          if key in step_metrics:
+            summary[key] = float(step_metrics[key][0])
+        writer.write_scalars(done, summary)
+        train_metrics = None
+      if done % eval_every == 0 or done == num_steps:
+        summary = evaluate(p_eval_step, state, config, config.eval_batch_size)
+        summary.update(instruments(state))
+        summary["epoch"] = done / steps_per_epoch
+        writer.write_scalars(done, summary)
+        final = summary
+        state = state.replace(flips=metrics.start_interval(state.flips, state.params, mask))
+      if done % ckpt_every == 0 or done == num_steps or preemption.requested:
+        checkpointing.save(manager, done, state, force=preemption.requested)
+      if preemption.requested:
+        break
+  manager.wait_until_finished()
+  writer.flush()
+  return final
