@@ -1,0 +1,420 @@
+"""Tests of `ovsw_jax.input_pipeline`: order, resume, sharding, eval, augmentation.
+
+CIFAR and ImageNet run on `tfds.testing.mock_data` (its default policy, which
+falls back to `MockPolicy.USE_CODE` when no metadata is in the data_dir). It
+mocks both `tfds.load` and `tfds.data_source` (random access); with
+`SkipDecoding` the mocked data source returns encoded image bytes, like the real
+one. `batch_size=-1` must not be used under it (the example count is unknown and
+the process aborts), which is why the pipeline reads splits in fixed batches.
+One test also builds a tiny real array_record dataset with a custom builder, to
+exercise `tfds.data_source` on real files and threads without mocks.
+"""
+
+import concurrent.futures
+import time
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from ovsw_jax import input_pipeline as ip
+from ovsw_jax.data import augment as aug
+from ovsw_jax.data import sources
+
+MOCK_EXAMPLES = 20  # With global batch 8: 2 steps per epoch, 3 eval batches.
+
+
+@pytest.fixture(autouse=True)
+def _fresh_caches():
+  sources.clear_caches()
+  yield
+  sources.clear_caches()
+
+
+def _config(dataset, **kwargs):
+  return ml_collections.ConfigDict(dict(dataset=dataset, **kwargs))
+
+
+@pytest.fixture(params=['digits', 'cifar10', 'imagenet2012'])
+def any_config(request, tmp_path):
+  """A config per pipeline family; tfds ones inside `mock_data`."""
+  name = request.param
+  if name == 'digits':
+    yield _config('digits')
+    return
+  extra = {'image_size': 24} if name == 'imagenet2012' else {}
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    yield _config(name, data_dir=str(tmp_path), num_workers=2, **extra)
+
+
+def _take(iterator, n):
+  out = [next(iterator) for _ in range(n)]
+  iterator.close()
+  return out
+
+
+def _assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      assert x[k].dtype == y[k].dtype and x[k].shape == y[k].shape
+      np.testing.assert_array_equal(x[k], y[k])
+      assert x[k].tobytes() == y[k].tobytes()  # Bitwise (signed zeros, NaNs).
+
+
+# ---------------------------------------------------------------------------
+# Digits split.
+
+
+def test_digits_split_is_fixed_disjoint_stratified():
+  split = sources.load_digits_split()
+  train, test = split['train_index'], split['test_index']
+  assert len(train) == 1437 and len(test) == 360
+  assert not np.intersect1d(train, test).size
+  np.testing.assert_array_equal(np.union1d(train, test), np.arange(1797))
+  np.testing.assert_array_equal(np.bincount(split['test_labels']), [36] * 10)
+  assert split['train_images'].shape == (1437, 8, 8, 1)
+  assert 0.0 <= split['train_images'].min() and split['train_images'].max() <= 1.0
+  # Pinned, so that a change of the split (which would make results
+  # incomparable across versions) fails here.
+  assert test[:8].tolist() == [2, 12, 13, 15, 20, 21, 24, 26]
+  assert int(test.sum()) == 323280
+  sources.load_digits_split.cache_clear()
+  again = sources.load_digits_split()
+  np.testing.assert_array_equal(again['test_index'], test)
+  info = ip.get_info(_config('digits'))
+  assert info == ip.DatasetInfo('digits', 10, (8, 8, 1), 1437, 360)
+
+
+def test_digits_normalised_by_train_statistics():
+  config = _config('digits', augment=False)
+  gb = 479  # 1437 = 3 * 479: one epoch covers the whole training split.
+  batches = _take(ip.train_iterator(config, global_batch_size=gb), 3)
+  images = np.concatenate([b['image'] for b in batches])
+  assert images.shape == (1437, 8, 8, 1) and images.dtype == np.float32
+  assert abs(images.mean()) < 1e-4 and abs(images.std() - 1) < 1e-4
+  labels = np.concatenate([b['label'] for b in batches])
+  assert labels.dtype == np.int32
+  np.testing.assert_array_equal(np.sort(labels),
+                                np.sort(sources.load_digits_split()['train_labels']))
+
+
+def test_digits_shift_is_at_most_one_pixel():
+  split = sources.load_digits_split()
+  config = _config('digits')
+  step = 5
+  batch = _take(ip.train_iterator(config, global_batch_size=64, start_step=step,
+                                  seed=3), 1)[0]
+  idx = ip.global_batch_indices(1437, 64, step, 3)
+  mean, std = split['train_images'].mean(), split['train_images'].std()
+  raw = batch['image'] * std + mean  # Back to [0, 1].
+  shifted = 0
+  for k, i in enumerate(idx):
+    img = split['train_images'][i]
+    candidates = aug.pad_and_crop(np.repeat(img[None], 9, 0),
+                                  np.array([(a, b) for a in range(3) for b in range(3)]), 1)
+    errs = np.abs(candidates - raw[k]).max(axis=(1, 2, 3))
+    assert errs.min() < 1e-5, k
+    shifted += errs[4] > 1e-5
+  assert shifted > 0  # Some examples were actually shifted.
+
+
+# ---------------------------------------------------------------------------
+# All pipelines: shapes, resume, seeds, sharding, evaluation.
+
+
+def test_shapes_dtypes_ranges(any_config):
+  info = ip.get_info(any_config)
+  batch = _take(ip.train_iterator(any_config, global_batch_size=8), 1)[0]
+  assert batch['image'].shape == (8, *info.image_shape)
+  assert batch['image'].dtype == np.float32 and batch['label'].dtype == np.int32
+  assert np.all((batch['label'] >= 0) & (batch['label'] < info.num_classes))
+  # Normalised: [0, 1] pixels map into [-mean/std, (1-mean)/std] ⊂ [-2.2, 6].
+  assert -2.2 < batch['image'].min() and batch['image'].max() < 6.0
+  assert np.isfinite(batch['image']).all()
+
+
+def test_resume_is_bitwise_identical(any_config):
+  k = 3  # Crosses an epoch boundary for the mocked datasets (2 steps/epoch).
+  full = _take(ip.train_iterator(any_config, global_batch_size=8, seed=7), k + 3)
+  resumed = _take(ip.train_iterator(any_config, global_batch_size=8, seed=7,
+                                    start_step=k), 3)
+  _assert_batches_equal(full[k:], resumed)
+
+
+def _with(config, **kwargs):
+  new = ml_collections.ConfigDict(config.to_dict())
+  new.update(kwargs)
+  return new
+
+
+def test_prefetch_changes_nothing(any_config):
+  eager = _take(ip.train_iterator(_with(any_config, prefetch=0),
+                                  global_batch_size=8, seed=1), 3)
+  ahead = _take(ip.train_iterator(_with(any_config, prefetch=3),
+                                  global_batch_size=8, seed=1), 3)
+  _assert_batches_equal(eager, ahead)
+
+
+def test_two_processes_concatenate_to_the_global_batch(any_config):
+  one = _take(ip.train_iterator(any_config, global_batch_size=8, seed=2), 3)
+  parts = [_take(ip.train_iterator(any_config, global_batch_size=8, seed=2,
+                                   process_index=i, process_count=2), 3)
+           for i in range(2)]
+  joined = [{k: np.concatenate([parts[0][s][k], parts[1][s][k]]) for k in one[s]}
+            for s in range(3)]
+  _assert_batches_equal(one, joined)
+
+
+def test_eval_covers_every_example_once(any_config):
+  info = ip.get_info(any_config)
+  gb = 8 if info.name != 'digits' else 100
+  single = list(ip.eval_iterator(any_config, global_batch_size=gb))
+  assert len(single) == -(-info.num_eval // gb)
+  assert all(b['image'].shape == (gb, *info.image_shape) for b in single)
+  mask = np.concatenate([b['mask'] for b in single])
+  assert mask.dtype == bool and mask.sum() == info.num_eval
+  assert mask[:info.num_eval].all() and not mask[info.num_eval:].any()
+  # Two processes: the same examples, each exactly once.
+  parts = [list(ip.eval_iterator(any_config, global_batch_size=gb,
+                                 process_index=i, process_count=2))
+           for i in range(2)]
+  joined = [{k: np.concatenate([p0[k], p1[k]]) for k in p0}
+            for p0, p1 in zip(*parts)]
+  _assert_batches_equal(single, joined)
+  if info.name == 'digits':
+    labels = np.concatenate([b['label'][b['mask']] for b in single])
+    np.testing.assert_array_equal(labels, sources.load_digits_split()['test_labels'])
+
+
+def test_order_is_a_permutation_per_epoch_and_depends_on_seed():
+  n, gb = 1437, 100
+  spe = ip.steps_per_epoch(n, gb)
+  epoch0 = np.concatenate([ip.global_batch_indices(n, gb, s, 0) for s in range(spe)])
+  assert len(np.unique(epoch0)) == spe * gb
+  epoch1 = np.concatenate([ip.global_batch_indices(n, gb, s, 0)
+                           for s in range(spe, 2 * spe)])
+  assert not np.array_equal(epoch0, epoch1)
+  other_seed = np.concatenate([ip.global_batch_indices(n, gb, s, 1) for s in range(spe)])
+  assert not np.array_equal(epoch0, other_seed)
+  a = _take(ip.train_iterator(_config('digits'), global_batch_size=gb, seed=0), 1)[0]
+  b = _take(ip.train_iterator(_config('digits'), global_batch_size=gb, seed=1), 1)[0]
+  assert not np.array_equal(a['label'], b['label'])
+
+
+def test_bad_arguments_raise_at_the_call():
+  config = _config('digits')
+  with pytest.raises(ValueError):
+    ip.train_iterator(config, global_batch_size=9, process_count=2)
+  with pytest.raises(ValueError):
+    ip.train_iterator(config, global_batch_size=8, seed=-1)
+  with pytest.raises(ValueError):
+    ip.train_iterator(config, global_batch_size=8, process_index=2, process_count=2)
+  with pytest.raises(ValueError):
+    ip.train_iterator(config, global_batch_size=2000)
+  with pytest.raises(ValueError):
+    ip.get_info(_config('mnist'))
+
+
+# ---------------------------------------------------------------------------
+# Augmentation on hand-made images.
+
+
+def test_pad_and_crop_and_flip_on_a_hand_made_image():
+  img = np.arange(1, 32 * 32 * 3 + 1, dtype=np.int32).reshape(1, 32, 32, 3)
+  same = aug.pad_and_crop(img, np.array([[4, 4]]), 4)
+  np.testing.assert_array_equal(same, img)
+  shifted = aug.pad_and_crop(img, np.array([[0, 0]]), 4)
+  np.testing.assert_array_equal(shifted[0, 4:, 4:], img[0, :-4, :-4])
+  assert not shifted[0, :4].any() and not shifted[0, :, :4].any()
+  corner = aug.pad_and_crop(img, np.array([[8, 2]]), 4)
+  np.testing.assert_array_equal(corner[0, :-4, 2:], img[0, 4:, :-2])
+  assert not corner[0, -4:].any() and not corner[0, :, :2].any()
+  flipped = aug.hflip(np.concatenate([img, img]), np.array([True, False]))
+  np.testing.assert_array_equal(flipped[0, :, 0], img[0, :, -1])
+  np.testing.assert_array_equal(flipped[0], img[0, :, ::-1])
+  np.testing.assert_array_equal(flipped[1], img[0])
+  with pytest.raises(ValueError):
+    aug.pad_and_crop(img, np.array([[9, 0]]), 4)
+
+
+def test_cifar_train_batch_is_a_crop_and_flip_of_its_example(tmp_path):
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    config = _config('cifar10', data_dir=str(tmp_path))
+    batch = _take(ip.train_iterator(config, global_batch_size=8, start_step=1,
+                                    seed=5), 1)[0]
+    raw, labels = sources.load_tfds_arrays('cifar10', 'train', str(tmp_path))
+  idx = ip.global_batch_indices(MOCK_EXAMPLES, 8, 1, 5)
+  np.testing.assert_array_equal(batch['label'], labels[idx])
+  offsets = np.array([(a, b) for a in range(9) for b in range(9)])
+  used = set()
+  for k, i in enumerate(idx):
+    crops = aug.pad_and_crop(np.repeat(raw[i][None], 81, 0), offsets, 4)
+    candidates = np.concatenate([crops, crops[:, :, ::-1]])
+    candidates = aug.normalize(candidates, aug.CIFAR_MEAN, aug.CIFAR_STD)
+    match = np.flatnonzero((candidates == batch['image'][k]).all(axis=(1, 2, 3)))
+    assert match.size, k
+    used.add(int(match[0]))
+  assert len(used) > 1  # Not all examples got the same transform.
+  # Evaluation is normalisation only.
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    first = next(ip.eval_iterator(config, global_batch_size=8))
+    test_raw, _ = sources.load_tfds_arrays('cifar10', 'test', str(tmp_path))
+  np.testing.assert_array_equal(
+      first['image'], aug.normalize(test_raw[:8], aug.CIFAR_MEAN, aug.CIFAR_STD))
+
+
+def test_random_resized_crop_params_stay_inside_and_follow_the_ranges():
+  rng = np.random.default_rng(0)
+  fractions, ratios = [], []
+  for _ in range(300):
+    top, left, h, w = aug.random_resized_crop_params(rng, 120, 200)
+    assert 0 <= top and top + h <= 120 and 0 <= left and left + w <= 200
+    fractions.append(h * w / (120 * 200))
+    ratios.append(w / h)
+  assert 0.07 < min(fractions) and max(fractions) <= 1.0
+  # Large boxes occur: at most 120 x 160 (ratio 4/3) fits, 0.8 of the area.
+  assert max(fractions) > 0.75
+  assert 0.7 < min(ratios) and max(ratios) < 1.4
+  # A very wide image falls back to a central crop clamped to ratio 4/3.
+  box = aug.random_resized_crop_params(np.random.default_rng(0), 10, 1000,
+                                       scale=(5.0, 6.0))
+  assert box == (0, (1000 - 13) // 2, 10, 13)
+
+
+def test_lighting_forms():
+  draws = np.stack([aug.lighting_offset(np.random.default_rng(i)) for i in range(4000)])
+  expected_cov = aug.IMAGENET_EIGVEC @ np.diag((0.1 * aug.IMAGENET_EIGVAL) ** 2) \
+      @ aug.IMAGENET_EIGVEC.T
+  np.testing.assert_allclose(np.cov(draws.T), expected_cov, atol=2e-5)
+  # 'release' is the authors' ColorAugmentation, transcribed from their code.
+  release_vec = np.array([[0.4009, 0.7192, -0.5675], [-0.8140, -0.0045, -0.5808],
+                          [0.4203, -0.6948, -0.5836]])
+  alpha = np.random.default_rng(11).standard_normal(3) * 0.1
+  np.testing.assert_allclose(
+      aug.lighting_offset(np.random.default_rng(11), form='release'),
+      (aug.IMAGENET_EIGVAL * alpha) @ release_vec, rtol=1e-6)
+  assert not aug.lighting_offset(np.random.default_rng(11), form='none').any()
+
+
+def test_imagenet_transforms_on_a_hand_made_image():
+  # Left half red, right half blue, 300 x 400 (H x W).
+  img = np.zeros((300, 400, 3), np.uint8)
+  img[:, :200, 0] = 255
+  img[:, 200:, 2] = 255
+  out = aug.imagenet_eval_transform(img, 224)
+  assert out.shape == (224, 224, 3) and out.dtype == np.float32
+  # Resize 300x400 -> 256x341, centre crop 224: columns 58..282 of 341, the
+  # colour boundary at 170.5 -> column ~112 of the crop.
+  pixels = out * np.float32(aug.IMAGENET_STD) + np.float32(aug.IMAGENET_MEAN)
+  np.testing.assert_allclose(pixels[:, :100], np.broadcast_to([1, 0, 0], (224, 100, 3)),
+                             atol=1e-5)
+  np.testing.assert_allclose(pixels[:, 125:], np.broadcast_to([0, 0, 1], (224, 99, 3)),
+                             atol=1e-5)
+  # Training transform: deterministic given the rng; a flip shows up as red on
+  # the right, and lighting offsets are constant per channel.
+  outs = [aug.imagenet_train_transform(img, np.random.default_rng(s), 32,
+                                       scale=(1.0, 1.0), lighting='none')
+          for s in range(8)]
+  again = aug.imagenet_train_transform(img, np.random.default_rng(0), 32,
+                                       scale=(1.0, 1.0), lighting='none')
+  np.testing.assert_array_equal(outs[0], again)
+  left_red = [o[:, 0, 0].mean() > o[:, -1, 0].mean() for o in outs]
+  assert any(left_red) and not all(left_red)
+  lit = aug.imagenet_train_transform(img, np.random.default_rng(0), 32,
+                                     scale=(1.0, 1.0), lighting='alexnet')
+  diff = (lit - outs[0]) * np.float32(aug.IMAGENET_STD)
+  np.testing.assert_allclose(diff, np.broadcast_to(diff[0, 0], diff.shape), atol=1e-5)
+  assert np.abs(diff[0, 0]).max() > 0
+
+
+# ---------------------------------------------------------------------------
+# Unprepared datasets and a real array_record dataset.
+
+
+@pytest.mark.parametrize('name', ['cifar10', 'imagenet2012'])
+def test_unprepared_dataset_raises_quickly_with_instructions(name, tmp_path):
+  start = time.monotonic()
+  with pytest.raises(ip.DatasetNotPreparedError) as error:
+    ip.get_info(_config(name, data_dir=str(tmp_path)))
+  assert time.monotonic() - start < 10  # No network retries.
+  message = str(error.value)
+  assert str(tmp_path) in message and f'tfds build {name}' in message
+  if name == 'imagenet2012':
+    assert '--manual_dir' in message and '--file_format=array_record' in message
+    assert 'ILSVRC2012_img_train.tar' in message
+  else:
+    assert 'download_and_prepare()' in message
+
+
+class OvswTinyImages(tfds.core.GeneratorBasedBuilder):
+  """Seven random PNG images of various sizes (5 in validation), 5 classes."""
+
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        'image': tfds.features.Image(shape=(None, None, 3), encoding_format='png'),
+        'label': tfds.features.ClassLabel(num_classes=5)}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {'train': self._generate_examples(7, 0),
+            'validation': self._generate_examples(5, 100)}
+
+  def _generate_examples(self, n, offset):
+    for i in range(n):
+      yield i, {'image': tiny_image(i + offset), 'label': (i + offset) % 5}
+
+
+def tiny_image(key):
+  rng = np.random.default_rng(key)
+  return rng.integers(0, 256, (20 + key % 7, 30 - key % 5, 3), dtype=np.uint8)
+
+
+def test_real_array_record_dataset(tmp_path):
+  data_dir = str(tmp_path)
+  OvswTinyImages(data_dir=data_dir, file_format='array_record').download_and_prepare()
+  config = _config('imagenet2012', tfds_name='ovsw_tiny_images', data_dir=data_dir,
+                   image_size=16, num_workers=3)
+  info = ip.get_info(config)
+  assert (info.num_train, info.num_eval, info.image_shape) == (7, 5, (16, 16, 3))
+  full = _take(ip.train_iterator(config, global_batch_size=2, seed=4), 5)
+  resumed = _take(ip.train_iterator(config, global_batch_size=2, seed=4,
+                                    start_step=4), 1)
+  _assert_batches_equal(full[4:], resumed)
+  evals = list(ip.eval_iterator(config, global_batch_size=4, process_index=1,
+                                process_count=2))
+  assert [b['mask'].tolist() for b in evals] == [[True, True], [False, False]]
+  # Eval images are the PIL transform of the stored (lossless) images: find
+  # them by content, since tfds shuffles examples when it writes them.
+  expected = {tuple(aug.imagenet_eval_transform(tiny_image(k), 16).ravel()[:50]): k % 5
+              for k in range(100, 105)}
+  for image, label in zip(evals[0]['image'], evals[0]['label']):
+    assert expected[tuple(image.ravel()[:50])] == label
+
+
+def test_imagenet_examples_get_their_own_randomness():
+  """Identical images at different batch positions get different crops."""
+  img = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+  records = [{'image': img, 'label': 3}] * 6
+  info = ip.DatasetInfo('imagenet2012', 1000, (16, 16, 3), 6, 6)
+  dataset = ip._SourceDataset(info, records, records, image_size=16,
+                              lighting='alexnet')
+  positions = np.arange(6)
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    images, labels = dataset.train_batch(
+        np.zeros(6, int), seed=0, step=0, global_batch_size=6,
+        positions=positions, augment=True, pool=pool)
+    later, _ = dataset.train_batch(
+        np.zeros(6, int), seed=0, step=1, global_batch_size=6,
+        positions=positions, augment=True, pool=pool)
+    plain, _ = dataset.train_batch(
+        np.zeros(2, int), seed=0, step=0, global_batch_size=6,
+        positions=positions[:2], augment=False, pool=pool)
+  assert labels.tolist() == [3] * 6
+  assert len({images[k].tobytes() for k in range(6)}) == 6
+  assert not np.array_equal(images, later)
+  np.testing.assert_array_equal(plain[0], aug.imagenet_eval_transform(img, 16))
