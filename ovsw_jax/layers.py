@@ -88,8 +88,11 @@ def xnor_conv(x: jax.Array,
     x = normalize_activations(x)
   a = quantizers.approx_sign(x)
   wb = quantizers.ste_sign(kernel).astype(x.dtype)
+  if spatial > 3:
+    raise ValueError(f"xnor_conv supports 0 to 3 spatial axes, got kernel shape {kernel.shape}.")
+  sp = "DHW"[3 - spatial:]  # "" (dense), "W", "HW", "DHW": channels last throughout.
   dn = jax.lax.conv_dimension_numbers(
-      a.shape, wb.shape, ("NHWC", "HWIO", "NHWC") if spatial == 2 else None)
+      a.shape, wb.shape, ("N" + sp + "C", sp + "IO", "N" + sp + "C"))
   y = jax.lax.conv_general_dilated(
       a, wb, window_strides=tuple(strides),
       padding=_lax_padding(padding, spatial), dimension_numbers=dn)

@@ -24,10 +24,22 @@ config_flags.DEFINE_config_file(
 flags.mark_flags_as_required(["workdir"])
 
 
+def _quiet_orbax_info() -> None:
+  """Drops orbax's per-save INFO lines (dozens per checkpoint); its warnings stay."""
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
+
+  class _Filter(std_logging.Filter):
+    def filter(self, record):
+      return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+  logging.get_absl_handler().addFilter(_Filter())
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  _quiet_orbax_info()
   # Imported here so `--help` stays fast and TF never grabs an accelerator.
   import jax  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top

@@ -37,9 +37,11 @@ def _masked_map(fn, mask, *trees):
 
 def init_flip_state(params: Any, mask: Any) -> FlipState:
   """Starts the sign history at `params`."""
-  signs = _masked_map(bitpack.pack_signs, mask, params)
   never = _masked_map(lambda p: bitpack.pack_bits(jnp.zeros(p.shape, bool)), mask, params)
-  return FlipState(init_signs=signs, interval_signs=signs, ever_flipped=never)
+  # Two separate packings, not one array twice: the train step donates its state.
+  return FlipState(init_signs=_masked_map(bitpack.pack_signs, mask, params),
+                   interval_signs=_masked_map(bitpack.pack_signs, mask, params),
+                   ever_flipped=never)
 
 
 def update_flip_state(flips: FlipState, params: Any, mask: Any) -> FlipState:

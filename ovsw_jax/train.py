@@ -6,7 +6,6 @@ The shape follows flax's `examples/imagenet`: `create_train_state`, a pure
 resumes automatically from the newest checkpoint in `workdir`.
 """
 
-from __future__ import annotations
 
 import functools
 import logging

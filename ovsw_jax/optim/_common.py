@@ -44,3 +44,8 @@ def no_params_error(name: str) -> ValueError:
   return ValueError(
       f"{name} needs the current parameters: call "
       "`tx.update(updates, state, params)` with `params` (it was None).")
+
+
+def tree_unzip(like, tree, n: int):
+  """Splits a tree of n-tuples (structured as `like`) into n trees."""
+  return jax.tree.transpose(jax.tree.structure(like), jax.tree.structure((0,) * n), tree)

@@ -27,7 +27,7 @@ class ScaleByAgsState(NamedTuple):
 def scale_by_ags(
     delta: float | jax.Array | optax.Schedule = 0.01,
     *,
-    axis: int = -1,
+    axis: int | None = None,
     grad_eps: float = 1e-6,
     param_eps: float = 1e-3,
     mask: Any | Callable[[optax.Params], Any] | None = None,
@@ -50,7 +50,9 @@ def scale_by_ags(
   Args:
     delta: the threshold ratio (the paper's lambda), a float or a schedule.
       0.04 in the release's CIFAR sweep, 0.01 for ImageNet.
-    axis: output-channel axis of the kernels (-1 for Flax's HWIO).
+    axis: output-channel axis of the kernels; None (the default) is the last
+      axis, as in Flax's HWIO. With `optax.inject_hyperparams`, name a set
+      axis static: `inject_hyperparams(scale_by_ags, static_args=('axis',))`.
     grad_eps: lower bound of the gradient norm.
     param_eps: lower bound of the weight norm.
     mask: a pytree of bools or a callable returning one; only True leaves are
@@ -74,6 +76,7 @@ def scale_by_ags(
     Networks", ECCV 2024, https://arxiv.org/abs/2407.05257
   """
   _common.check_non_negative("delta", delta)
+  channel_axis = -1 if axis is None else axis
 
   def init_fn(params):
     for leaf in jax.tree.leaves(params):
@@ -96,16 +99,14 @@ def scale_by_ags(
         raise ValueError(
             f"scale_by_ags: the gradient of shape {g.shape} has rank < 2; mask "
             "out 1-D parameters (mask=binary_weight_mask).")
-      gn = jnp.maximum(_common.per_channel_norm(g, axis), grad_eps)
-      pn = jnp.maximum(_common.per_channel_norm(w, axis), param_eps)
+      gn = jnp.maximum(_common.per_channel_norm(g, channel_axis), grad_eps)
+      pn = jnp.maximum(_common.per_channel_norm(w, channel_axis), param_eps)
       small = gn / pn < d
       factor = jnp.where(small, d * pn / gn, 1.0)
       return (g.astype(jnp.float32) * factor).astype(g.dtype), jnp.mean(small.astype(jnp.float32))
 
-    pairs = jax.tree.map(scale, updates, params)
-    is_pair = lambda x: type(x) is tuple  # pylint: disable=unidiomatic-typecheck (MaskedNode is a tuple too)
-    new_updates = jax.tree.map(lambda p: p[0], pairs, is_leaf=is_pair)
-    fractions = jax.tree.map(lambda p: p[1], pairs, is_leaf=is_pair)
+    new_updates, fractions = _common.tree_unzip(
+        updates, jax.tree.map(scale, updates, params), 2)
     return new_updates, ScaleByAgsState(
         count=optax.safe_increment(state.count), scaled_fraction=fractions)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import flax
 import jax
 import optax
 
@@ -28,7 +27,6 @@ def binary_weight_mask(params: Any) -> Any:
   BatchNorm, biases) is False. Works on params, gradients, or any tree of the
   same structure, frozen or not.
   """
-  params = flax.core.unfreeze(params) if isinstance(params, flax.core.FrozenDict) else params
   return jax.tree_util.tree_map_with_path(
       lambda path, _: bool(path) and _key_name(path[-1]) == LATENT_KERNEL, params)
 
@@ -55,7 +53,9 @@ def ovsw(
     track_momentum: SAD's tracker momentum m.
     track_threshold: SAD's silence threshold sigma.
     mask: which leaves OvSW acts on; by default the latent kernels of binary
-      layers (`binary_weight_mask`). None applies it to every leaf.
+      layers (`binary_weight_mask`). None applies it to every leaf. Under
+      `optax.inject_hyperparams`, name it static (it is callable, so it would
+      be taken for a schedule): `inject_hyperparams(ovsw, static_args=('mask',))`.
 
   Returns:
     An `optax.GradientTransformation` whose state is

@@ -94,22 +94,25 @@ def add_sad_penalty(
       raise _common.no_params_error("add_sad_penalty")
     gamma = jnp.asarray(_common.value_at(dampen_weight, state.count), jnp.float32)
     m = jnp.asarray(track_momentum, jnp.float32)
+    # 1 - m in double precision when m is a Python number, as the release does
+    # (float32(1 - 0.999) is 1e-3; 1 - float32(0.999) is 0.99998713e-3).
+    one_minus_m = (jnp.float32(1.0 - track_momentum)
+                   if isinstance(track_momentum, (int, float)) else 1.0 - m)
     sigma = jnp.asarray(track_threshold, jnp.float32)
 
     def step(g, w, s, prev):
       flipped = bitpack.sign_changed(prev, w).astype(jnp.float32)
-      s = m * s + (1.0 - m) * flipped
+      s = m * s + one_minus_m * flipped
       silent = s < sigma
       penalty = jnp.where(silent, gamma * w.astype(jnp.float32), 0.0)
       g = (g.astype(jnp.float32) + penalty).astype(g.dtype)
       return g, s, bitpack.pack_signs(w), jnp.mean(silent.astype(jnp.float32))
 
-    out = jax.tree.map(step, updates, params, state.tracker, state.prev_signs)
-    is_out = lambda x: type(x) is tuple  # pylint: disable=unidiomatic-typecheck (MaskedNode is a tuple too)
-    pick = lambda i: jax.tree.map(lambda o: o[i], out, is_leaf=is_out)
-    return pick(0), AddSadPenaltyState(
-        count=optax.safe_increment(state.count), tracker=pick(1),
-        prev_signs=pick(2), silent_fraction=pick(3))
+    new_updates, tracker, prev_signs, silent = _common.tree_unzip(
+        updates, jax.tree.map(step, updates, params, state.tracker, state.prev_signs), 4)
+    return new_updates, AddSadPenaltyState(
+        count=optax.safe_increment(state.count), tracker=tracker,
+        prev_signs=prev_signs, silent_fraction=silent)
 
   tx = optax.GradientTransformation(init_fn, update_fn)
   return optax.masked(tx, mask) if mask is not None else tx

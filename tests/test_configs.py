@@ -1,0 +1,74 @@
+"""Every config file loads (with each `:arg`) and builds its model."""
+
+import importlib.util
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from ovsw_jax import models
+from ovsw_jax.optim import binary_weight_mask
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+CONFIG_FILES = sorted(p for p in CONFIG_DIR.glob("*.py")
+                      if p.name not in ("__init__.py", "common.py"))
+NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenet2012": 1000}
+
+
+def load(path, arg=None):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_there_is_a_config_per_paper_setting():
+  names = {p.stem for p in CONFIG_FILES}
+  for ds in ("cifar10", "cifar100"):
+    for m in ("resnet20", "resnet18", "vgg_small"):
+      assert f"{ds}_{m}" in names
+  assert {"imagenet_r18", "imagenet_r34", "default"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
+def test_config_loads_and_builds_model(path):
+  config = load(path)
+  assert config.model in models.MODELS
+  assert path.read_text().lstrip().startswith('"""'), "each config needs a docstring"
+  doc = path.read_text().split('"""')[1]
+  assert "python -m ovsw_jax.main" in doc and "Expected" in doc
+  size = config.image_size if config.dataset == "imagenet2012" else {"digits": 8}.get(
+      config.dataset, 32)
+  channels = 1 if config.dataset == "digits" else 3
+  model = models.get_model(config.model, num_classes=NUM_CLASSES[config.dataset],
+                           **dict(config.model_kwargs))
+  variables = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, channels)), train=False))
+  mask = binary_weight_mask(variables["params"])
+  assert any(jax.tree.leaves(mask)), "a BNN config must have binary kernels"
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
+def test_config_args(path):
+  vanilla = load(path, "vanilla")
+  assert not vanilla.ovsw.ags and not vanilla.ovsw.sad
+  ags = load(path, "ags")
+  assert ags.ovsw.ags and not ags.ovsw.sad
+  smoke = load(path, "runlocal,sad")
+  assert smoke.num_train_steps > 0 and smoke.ovsw.sad and not smoke.ovsw.ags
+  with pytest.raises(ValueError, match="Unknown config arg"):
+    load(path, "vanila")
+
+
+def test_recipes_follow_the_release():
+  r18 = load(CONFIG_DIR / "imagenet_r18.py")
+  assert (r18.batch_size, r18.num_epochs, r18.warmup_epochs) == (512, 200, 5)
+  assert (r18.weight_decay, r18.wd_exclude_1d) == (1e-4, True)
+  assert (r18.ovsw.delta, r18.ovsw.dampen_weight) == (0.01, 2e-5)
+  assert load(CONFIG_DIR / "imagenet_r34.py").warmup_epochs == 0
+  c = load(CONFIG_DIR / "cifar10_resnet20.py")
+  assert (c.batch_size, c.num_epochs, c.learning_rate) == (256, 600, 0.1)
+  assert (c.weight_decay, c.wd_exclude_1d) == (5e-4, False)
+  assert (c.ovsw.delta, c.ovsw.dampen_weight) == (0.04, 9e-4)
+  assert (c.ovsw.track_momentum, c.ovsw.track_threshold) == (0.999, 1e-4)

@@ -1,0 +1,107 @@
+"""End-to-end training: every data path for a few steps, metrics, resume, errors.
+
+Runs under 2 host CPU devices (tests/conftest.py), so the pmap path splits the
+batch and averages gradients and BatchNorm statistics across devices.
+"""
+
+import importlib.util
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from ovsw_jax import checkpointing, input_pipeline, train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(name, arg="runlocal"):
+  path = ROOT / "configs" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def check_result(result, num_eval):
+  assert result["eval_count"] == num_eval  # exact evaluation: every example once
+  assert 0.0 <= result["eval_accuracy"] <= result["eval_top5"] <= 1.0
+  assert np.isfinite(result["eval_loss"])
+  for key in ("silent_ratio", "flip_ratio"):
+    assert 0.0 <= result[key] <= 1.0
+    assert any(k.startswith(key + "/") for k in result), f"no per-layer {key}"
+
+
+def test_cifar_config_on_mock_data(tmp_path):
+  config = load_config("cifar10_resnet20")
+  with tfds.testing.mock_data(num_examples=20):
+    result = train.train_and_evaluate(config, str(tmp_path))
+  check_result(result, 20)
+  assert "silent_fraction" in result and "scaled_fraction" in result
+
+
+def test_imagenet_config_on_mock_data(tmp_path):
+  config = load_config("imagenet_r18")
+  config.image_size = 32
+  with tfds.testing.mock_data(num_examples=12):
+    result = train.train_and_evaluate(config, str(tmp_path))
+  check_result(result, 12)
+
+
+def test_embedded_default_trains_and_learns(tmp_path):
+  config = load_config("default", "")
+  config.model_kwargs.widths = (16, 32)
+  config.model_kwargs.blocks_per_stage = 1
+  config.num_train_steps = 100
+  config.eval_every_epochs = 100  # evaluate once, at the end
+  result = train.train_and_evaluate(config, str(tmp_path))
+  check_result(result, input_pipeline.get_info(config).num_eval)
+  assert result["eval_accuracy"] > 0.6  # chance is 0.1
+  assert list((tmp_path / "checkpoints").iterdir()), "no checkpoint written"
+  assert list(tmp_path.glob("events.out.tfevents.*")), "no TensorBoard events"
+
+
+def test_vanilla_arm_has_no_ovsw_measurements(tmp_path):
+  config = load_config("default", "runlocal,vanilla")
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert "silent_fraction" not in result and "scaled_fraction" not in result
+  assert "silent_ratio" in result
+
+
+def _final_state(config, workdir):
+  info = input_pipeline.get_info(config)
+  lr = train.create_learning_rate_fn(config, 10)
+  model = train.create_model(config, info.num_classes)
+  tx = train.create_optimizer(config, lr)
+  target = train.create_train_state(jax.random.key(99), model, tx, info.image_shape)
+  manager = checkpointing.create_manager(f"{workdir}/checkpoints")
+  return checkpointing.restore_latest(manager, target)
+
+
+def test_resume_gives_bitwise_the_same_state(tmp_path):
+  config = load_config("default", "runlocal")
+  config.num_train_steps = 6
+  config.checkpoint_every_steps = 100
+  train.train_and_evaluate(config, str(tmp_path / "straight"))
+
+  config.num_train_steps = 3  # stop early, as a killed run would ...
+  train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  config.num_train_steps = 6  # ... and start again in the same workdir
+  train.train_and_evaluate(config, str(tmp_path / "resumed"))
+
+  a = _final_state(config, tmp_path / "straight")
+  b = _final_state(config, tmp_path / "resumed")
+  assert int(a.step) == int(b.step) == 6
+  tracker = [x for x in jax.tree.leaves(a.opt_state) if x.dtype == np.float32 and x.ndim == 4]
+  assert tracker, "the OvSW tracker must be in the checkpoint"
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path):
+  config = load_config("default", "runlocal")
+  config.batch_size = 7
+  with pytest.raises(ValueError, match="batch_size=7"):
+    train.train_and_evaluate(config, str(tmp_path))
