@@ -63,9 +63,12 @@ def test_embedded_default_trains_and_learns(tmp_path):
   assert list(tmp_path.glob("events.out.tfevents.*")), "no TensorBoard events"
 
 
-def test_vanilla_arm_has_no_ovsw_measurements(tmp_path):
+def test_vanilla_arm_bf16_label_smoothing(tmp_path):
   config = load_config("default", "runlocal,vanilla")
+  config.half_precision = True
+  config.label_smoothing = 0.1
   result = train.train_and_evaluate(config, str(tmp_path))
+  assert np.isfinite(result["eval_loss"])
   assert "silent_fraction" not in result and "scaled_fraction" not in result
   assert "silent_ratio" in result
 

@@ -1,0 +1,49 @@
+"""The command line: a missing data set stops with instructions; SIGTERM checkpoints."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_main(args, **kwargs):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  return subprocess.Popen([sys.executable, "-m", "ovsw_jax.main", *args], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_unprepared_dataset_gives_instructions_not_a_traceback(tmp_path):
+  proc = run_main([f"--config={ROOT}/configs/cifar10_resnet20.py:runlocal",
+                   f"--config.data_dir={tmp_path}/empty", f"--workdir={tmp_path}/wd"])
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode != 0
+  assert "tfds build cifar10" in out or "download_and_prepare" in out
+  assert "Traceback" not in out
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
+  workdir = tmp_path / "wd"
+  args = [f"--config={ROOT}/configs/default.py", f"--workdir={workdir}",
+          "--config.model=tiny", "--config.num_train_steps=100000",
+          "--config.checkpoint_every_steps=100000", "--config.log_every_steps=5"]
+  proc = run_main(args)
+  deadline = time.time() + 240
+  lines = []
+  for line in proc.stdout:  # wait until training is under way
+    lines.append(line)
+    if "train_loss" in line or time.time() > deadline:
+      break
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, "".join(lines) + out
+  steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+  assert steps and max(steps) >= 5, "SIGTERM must leave a checkpoint of the current step"
+  # A second run resumes from that step.
+  proc = run_main(args[:-3] + ["--config.num_train_steps=%d" % (max(steps) + 2)])
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out
+  assert f"Resumed from step {max(steps)}" in out
