@@ -36,6 +36,6 @@ def get_config(arg=None):
   c.ovsw.track_momentum = 0.99
   c.ovsw.track_threshold = 1e-3
   c.log_every_steps = 100
-  c.eval_every_epochs = 5
+  c.eval_every_epochs = 1
   c.checkpoint_every_steps = 500
   return common.apply_arg(c, arg)
