@@ -8,6 +8,7 @@ orbax rebuilds NamedTuple optimizer states only when it is given one.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import jax
@@ -15,7 +16,13 @@ import orbax.checkpoint as ocp
 
 
 def create_manager(directory: str, *, max_to_keep: int = 3) -> ocp.CheckpointManager:
-  """A `CheckpointManager` over `directory` keeping the last `max_to_keep` steps."""
+  """A `CheckpointManager` over `directory` keeping the last `max_to_keep` steps.
+
+  A relative local path is made absolute (orbax requires it); URLs such as
+  `gs://...` are kept as they are.
+  """
+  if "://" not in directory:
+    directory = os.path.abspath(directory)
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
   return ocp.CheckpointManager(directory, options=options)
 

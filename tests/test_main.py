@@ -10,9 +10,10 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def run_main(args, **kwargs):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  return subprocess.Popen([sys.executable, "-m", "ovsw_jax.main", *args], cwd=ROOT, env=env,
+def run_main(args, cwd=ROOT, **kwargs):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             PYTHONPATH=str(ROOT))
+  return subprocess.Popen([sys.executable, "-m", "ovsw_jax.main", *args], cwd=cwd, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
@@ -26,11 +27,11 @@ def test_unprepared_dataset_gives_instructions_not_a_traceback(tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
-  workdir = tmp_path / "wd"
-  args = [f"--config={ROOT}/configs/default.py", f"--workdir={workdir}",
+  workdir = tmp_path / "wd"  # given as a relative path: orbax needs it made absolute
+  args = [f"--config={ROOT}/configs/default.py", "--workdir=wd",
           "--config.model=tiny", "--config.num_train_steps=100000",
           "--config.checkpoint_every_steps=100000", "--config.log_every_steps=5"]
-  proc = run_main(args)
+  proc = run_main(args, cwd=tmp_path)
   deadline = time.time() + 240
   lines = []
   for line in proc.stdout:  # wait until training is under way
@@ -43,7 +44,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
   steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
   assert steps and max(steps) >= 5, "SIGTERM must leave a checkpoint of the current step"
   # A second run resumes from that step.
-  proc = run_main(args[:-3] + ["--config.num_train_steps=%d" % (max(steps) + 2)])
+  proc = run_main(args[:-3] + ["--config.num_train_steps=%d" % (max(steps) + 2)], cwd=tmp_path)
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out
   assert f"Resumed from step {max(steps)}" in out
