@@ -1,6 +1,6 @@
 """Times one train step, vanilla BNN vs AGS+SAD, and prints the ratio.
 
-  python benchmarks/train_step.py --model=resnet20 --batch=64 --steps=20
+  python -m benchmarks.train_step --model=resnet20 --batch=64 --steps=20
 
 What OvSW costs on top of the same step (AGS's per-channel norms, SAD's
 tracker and packed signs, the flip metrics are in both arms). Both arms run in
