@@ -1,0 +1,136 @@
+"""Reads the scalars a training run logged, and finds the runs under a directory.
+
+`train.train_and_evaluate` logs through clu's metric writers, which write
+TensorBoard event files (scalars as tensor summaries) into the workdir. A run
+that resumed has several event files, possibly repeating steps: the value
+written last for a (tag, step) wins, as TensorBoard shows it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import os
+import pathlib
+import re
+
+import numpy as np
+
+ARMS = ("vanilla", "ags", "sad", "ovsw")
+RUN_INFO = "run.json"   # written by `run.py` next to the event files
+_SEED_DIR = re.compile(r"^seed(\d+)$")
+
+
+@dataclasses.dataclass
+class Run:
+  """One training workdir.
+
+  Attributes:
+    path: the workdir.
+    group: its place in the study (the relative path without the arm and
+      seed directories), e.g. 'digits' or 'sweep/delta=0.04,gamma=0.0009'.
+    arm: 'vanilla', 'ags', 'sad', 'ovsw', or the directory name if unknown.
+    seed: the seed, or 0 if unknown.
+    info: the contents of its `run.json` (empty if there is none).
+  """
+  path: pathlib.Path
+  group: str
+  arm: str
+  seed: int
+  info: dict
+
+
+def event_files(workdir) -> list[pathlib.Path]:
+  """The TensorBoard event files directly in `workdir`, oldest first."""
+  return sorted(pathlib.Path(workdir).glob("events.out.tfevents.*"),
+                key=lambda p: (p.stat().st_mtime, p.name))
+
+
+def read_scalars(workdir) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """All scalars of a run: `{tag: (steps, values)}`, sorted by step, one value per step."""
+  # Imported here: tensorboard pulls in TensorFlow, which `--help` should not pay for.
+  # pylint: disable=g-import-not-at-top
+  from tensorboard.backend.event_processing import event_file_loader
+  from tensorboard.util import tensor_util
+  by_tag: dict[str, dict[int, float]] = {}
+  for path in event_files(workdir):
+    for event in event_file_loader.EventFileLoader(str(path)).Load():
+      for value in event.summary.value:
+        if value.HasField("tensor"):
+          if value.metadata.plugin_data.plugin_name not in ("", "scalars"):
+            continue
+          array = tensor_util.make_ndarray(value.tensor)
+          if array.size != 1 or not np.issubdtype(array.dtype, np.number):
+            continue
+          scalar = float(array.reshape(()))
+        elif value.HasField("simple_value"):
+          scalar = float(value.simple_value)
+        else:
+          continue
+        by_tag.setdefault(value.tag, {})[int(event.step)] = scalar
+  out = {}
+  for tag, points in by_tag.items():
+    steps = np.array(sorted(points), dtype=np.int64)
+    out[tag] = (steps, np.array([points[s] for s in steps], dtype=np.float64))
+  return out
+
+
+def find_runs(root) -> list[Run]:
+  """Every training workdir under `root` (a directory with event files), sorted.
+
+  Arm and seed come from the run's `run.json` if present, else from the path:
+  a directory named like an arm, and one named `seed<k>`. Symbolic links are
+  followed, so a run can be shared by two groups (say, a vanilla baseline
+  that does not depend on the parameter a group changes).
+  """
+  root = pathlib.Path(root)
+  runs = []
+  for dirpath, dirnames, _ in os.walk(root, followlinks=True):
+    dirnames[:] = sorted(d for d in dirnames if d != "checkpoints")
+    path = pathlib.Path(dirpath)
+    if not event_files(path):
+      continue
+    parts = list(path.relative_to(root).parts)
+    info = {}
+    if (path / RUN_INFO).exists():
+      info = json.loads((path / RUN_INFO).read_text())
+    arm, seed = info.get("arm"), info.get("seed")
+    rest = []
+    for part in parts:
+      match = _SEED_DIR.match(part)
+      if match:
+        seed = int(match.group(1)) if seed is None else seed
+      elif part in ARMS:
+        arm = part if arm is None else arm
+      else:
+        rest.append(part)
+    if arm is None:
+      arm = rest.pop() if rest else path.name
+    runs.append(Run(path=path, group="/".join(rest), arm=arm,
+                    seed=0 if seed is None else int(seed), info=info))
+  order = {a: i for i, a in enumerate(ARMS)}
+  runs.sort(key=lambda r: (r.group, order.get(r.arm, len(ARMS)), r.arm, r.seed))
+  return runs
+
+
+def group_runs(runs: list[Run], patterns=None) -> dict[str, list[Run]]:
+  """`{group: runs}`, keeping the order of `runs`; only the groups matching one
+  of the shell-style `patterns` (e.g. `['digits*']`) if given."""
+  out: dict[str, list[Run]] = {}
+  for run in runs:
+    if patterns and not any(fnmatch.fnmatchcase(run.group, p) for p in patterns):
+      continue
+    out.setdefault(run.group, []).append(run)
+  return out
+
+
+def layer_names(scalars: dict, prefix: str = "silent_ratio") -> list[str]:
+  """The binary layers a run logged (`prefix/<layer>` tags), in network order."""
+  names = [t[len(prefix) + 1:] for t in scalars if t.startswith(prefix + "/")]
+  return sorted(names, key=natural_key)
+
+
+def natural_key(name: str):
+  """Sort key that orders 'layer2' before 'layer10'."""
+  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]

@@ -1,0 +1,212 @@
+"""Sweep of OvSW's two strengths, delta (AGS, the paper's lambda) and
+dampen_weight (SAD, the paper's gamma), on the embedded data set.
+
+  python -m ovsw_jax.repro.sweep --workdir=DIR [--deltas=0,0.04,0.12,0.36]
+      [--gammas=0,9e-4,9e-3,9e-2] [--epochs=40] [--seeds=1] [--set=KEY=VALUE ...]
+      [--report_only] [--out=DIR/sweep/report]
+
+A value of 0 turns that transform off, so the grid's first row is SAD only,
+its first column AGS only and its corner the vanilla BNN. Each point is a
+training workdir `DIR/<group>/delta=<d>,gamma=<g>/seed<k>` (see
+`run.train_one`; finished points are skipped). Writes to `--out` (default
+`DIR/<group>/report`): `sweep.csv` (one row per point, mean and std over
+seeds), `sweep.md` (grids of silent ratio, final test accuracy and peak
+per-epoch flip ratio) and `sweep_heatmap.png`. `--epochs` shortens the schedule to fit a CPU budget;
+the cosine schedule is stretched to it, so a point's numbers compare with
+the others of the sweep, not with full-length runs.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+from typing import Sequence
+
+from absl import app, flags, logging
+import numpy as np
+
+from ovsw_jax.repro import events, run as run_lib, snapshot, tables
+
+DELTAS = (0.0, 0.04, 0.12, 0.36)
+GAMMAS = (0.0, 9e-4, 9e-3, 9e-2)
+
+
+def arm_of(delta: float, gamma: float) -> str:
+  """Which transforms a grid point uses (a zero strength turns one off)."""
+  return {(False, False): "vanilla", (True, False): "ags", (False, True): "sad",
+          (True, True): "ovsw"}[(delta > 0, gamma > 0)]
+
+
+def point_name(delta: float, gamma: float) -> str:
+  return f"delta={delta:g},gamma={gamma:g}"
+
+
+def run_sweep(workdir, *, deltas: Sequence[float] = DELTAS, gammas: Sequence[float] = GAMMAS,
+              epochs: float | None = 40, seeds: Sequence[int] = (0,), group: str = "sweep",
+              dataset: str = "digits", overrides: dict | None = None,
+              report: bool = True) -> pathlib.Path:
+  """Trains every (delta, gamma, seed) in turn; returns the sweep's directory."""
+  base = dict(run_lib.STUDY_OVERRIDES)
+  if epochs:
+    base["num_epochs"] = epochs
+  base.update(overrides or {})
+  for delta in deltas:
+    for gamma in gammas:
+      arm = arm_of(delta, gamma)
+      for seed in seeds:
+        point = {**base, "ovsw.delta": float(delta), "ovsw.dampen_weight": float(gamma),
+                 "seed": seed}
+        config = run_lib.apply_overrides(run_lib.load_config(dataset, arm), point)
+        path = pathlib.Path(workdir, group, point_name(delta, gamma), f"seed{seed}")
+        info = {"arm": arm, "seed": seed, "dataset": dataset, "group": group,
+                "delta": float(delta), "gamma": float(gamma),
+                "overrides": {k: v for k, v in point.items()
+                              if not isinstance(v, (list, tuple))}}
+        result = run_lib.train_one(config, path, info)
+        print(f"[{group}] delta {delta:g} gamma {gamma:g} seed {seed}: test accuracy "
+              f"{result['eval_accuracy']:.4f}, silent ratio {result['silent_ratio']:.4f}",
+              flush=True)
+  sweep_dir = pathlib.Path(workdir, group)
+  if report:
+    write_report(sweep_dir, sweep_dir / "report")
+  return sweep_dir
+
+
+def point_of(run: events.Run) -> tuple[float, float] | None:
+  """A run's effective (delta, gamma): from its run.json, else from its
+  config.json (0 for a transform that is off); None if neither says."""
+  if "delta" in run.info and "gamma" in run.info:
+    return float(run.info["delta"]), float(run.info["gamma"])
+  config = snapshot.load_config(run.path)
+  if config is None:
+    return None
+  ovsw = config.ovsw
+  return (float(ovsw.delta) if ovsw.ags else 0.0,
+          float(ovsw.dampen_weight) if ovsw.sad else 0.0)
+
+
+def collect(sweep_dir) -> list[dict]:
+  """One row per grid point: delta, gamma, n and mean/std of the table's columns.
+
+  Any runs with a known (delta, gamma) (see `point_of`) make a grid, so the
+  four arms of a `run.py` study make a 2 x 2 one.
+  """
+  points: dict[tuple[float, float], list[dict]] = {}
+  for r in events.find_runs(sweep_dir):
+    point = point_of(r)
+    if point is None:
+      logging.warning("%s has no delta/gamma (run.json or config.json): skipped.", r.path)
+      continue
+    points.setdefault(point, []).append(tables.summarize_run(r))
+  out = []
+  for (delta, gamma), rows in sorted(points.items()):
+    entry = {"delta": delta, "gamma": gamma, "arm": arm_of(delta, gamma), "n": len(rows),
+             "epochs": rows[0]["final_epoch"]}
+    for col in ("final_accuracy", "best_accuracy", "silent_ratio", "peak_flip_ratio"):
+      entry[f"{col}_mean"], entry[f"{col}_std"] = tables.mean_std([r[col] for r in rows])
+    out.append(entry)
+  return out
+
+
+def _grid(rows: list[dict], key: str):
+  deltas = sorted({r["delta"] for r in rows})
+  gammas = sorted({r["gamma"] for r in rows})
+  grid = np.full((len(deltas), len(gammas)), np.nan)
+  for r in rows:
+    grid[deltas.index(r["delta"]), gammas.index(r["gamma"])] = r[key]
+  return deltas, gammas, grid
+
+
+def markdown(rows: list[dict]) -> str:
+  """Grids (rows: delta, columns: gamma) of silent ratio, accuracy and peak flip ratio."""
+  n = sorted({r["n"] for r in rows})
+  epochs = sorted({r["epochs"] for r in rows})
+  parts = [f"{len(rows)} points, {'/'.join(map(str, n))} seed(s) each, "
+           f"{'/'.join(f'{e:.3g}' for e in epochs)} epochs; delta = 0 is AGS off, "
+           "gamma = 0 is SAD off. Values in %, mean over seeds.", ""]
+  for key, title, digits in (("silent_ratio_mean", "Silent ratio (never flipped)", 1),
+                             ("final_accuracy_mean", "Test top-1, final", 2),
+                             ("peak_flip_ratio_mean", "Peak flip ratio per epoch", 2)):
+    deltas, gammas, grid = _grid(rows, key)
+    parts += [f"{title}:", "", "| delta \\ gamma | " + " | ".join(f"{g:g}" for g in gammas)
+              + " |", "|---" * (len(gammas) + 1) + "|"]
+    for i, d in enumerate(deltas):
+      parts.append(f"| {d:g} | " + " | ".join(tables.pct(v, digits=digits)
+                                              for v in grid[i]) + " |")
+    parts.append("")
+  return "\n".join(parts)
+
+
+def plot_heatmap(rows: list[dict], path) -> pathlib.Path:
+  """Heat maps over (delta, gamma): silent ratio, final test accuracy and peak
+  per-epoch flip ratio."""
+  # pylint: disable=g-import-not-at-top
+  from ovsw_jax.repro import plots
+  plt = plots.plt
+  fig, axes = plt.subplots(1, 3, figsize=(14, 3.9))
+  for ax, (key, title, cmap) in zip(axes, (
+      ("silent_ratio_mean", "silent ratio (%)", "viridis"),
+      ("final_accuracy_mean", "test top-1, final (%)", "magma"),
+      ("peak_flip_ratio_mean", "peak flip ratio per epoch (%)", "cividis"))):
+    deltas, gammas, grid = _grid(rows, key)
+    image = ax.imshow(100 * grid, cmap=cmap, origin="lower", aspect="auto")
+    fig.colorbar(image, ax=ax, shrink=0.9)
+    ax.set_xticks(range(len(gammas)), [f"{g:g}" for g in gammas])
+    ax.set_yticks(range(len(deltas)), [f"{d:g}" for d in deltas])
+    ax.set_xlabel("dampen_weight (gamma, SAD)")
+    ax.set_ylabel("delta (lambda, AGS)")
+    ax.set_title(title, fontsize=10)
+    finite = grid[np.isfinite(grid)]
+    middle = (finite.min() + finite.max()) / 2 if finite.size else 0.0
+    for i in range(len(deltas)):
+      for j in range(len(gammas)):
+        if math.isfinite(grid[i, j]):
+          ax.text(j, i, f"{100 * grid[i, j]:.1f}", ha="center", va="center", fontsize=8,
+                  color="white" if grid[i, j] < middle else "black")
+  fig.tight_layout()
+  fig.savefig(path, dpi=plots.DPI)
+  plt.close(fig)
+  return pathlib.Path(path)
+
+
+def write_report(sweep_dir, out_dir) -> list[pathlib.Path]:
+  """`sweep.csv`, `sweep.md` and `sweep_heatmap.png` of the sweep in `sweep_dir`."""
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  rows = collect(sweep_dir)
+  if not rows:
+    raise FileNotFoundError(f"No sweep points under {sweep_dir}.")
+  tables.write_csv(out_dir / "sweep.csv", rows)
+  (out_dir / "sweep.md").write_text(markdown(rows))
+  plot_heatmap(rows, out_dir / "sweep_heatmap.png")
+  return [out_dir / "sweep.csv", out_dir / "sweep.md", out_dir / "sweep_heatmap.png"]
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  if not f["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  sweep_dir = pathlib.Path(f.workdir, f.group)
+  if not f.report_only:
+    run_sweep(f.workdir, deltas=[float(x) for x in f.deltas],
+              gammas=[float(x) for x in f.gammas], epochs=f.epochs or None,
+              seeds=range(f.seeds), group=f.group,
+              overrides=run_lib.parse_overrides(f.set), report=False)
+  for path in write_report(sweep_dir, f.out or sweep_dir / "report"):
+    print(path)
+
+
+if __name__ == "__main__":
+  flags.DEFINE_string("workdir", None, "Root directory of the runs.")
+  flags.DEFINE_list("deltas", [f"{d:g}" for d in DELTAS], "AGS deltas (0: AGS off).")
+  flags.DEFINE_list("gammas", [f"{g:g}" for g in GAMMAS], "SAD dampen_weights (0: off).")
+  flags.DEFINE_float("epochs", 40, "Epochs per point (0: the config's).")
+  flags.DEFINE_integer("seeds", 1, "Seeds per point.")
+  flags.DEFINE_string("group", "sweep", "Subdirectory of the sweep's runs.")
+  flags.DEFINE_multi_string("set", [], "Config override KEY=VALUE (repeatable).")
+  flags.DEFINE_bool("report_only", False, "Only (re)write the report of finished points.")
+  flags.DEFINE_string("out", None, "Report directory (default: WORKDIR/GROUP/report).")
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)
