@@ -1,4 +1,4 @@
-"""Loads the reference vectors of the authors' PyTorch release (/work/shared/oracle).
+"""Loads the reference vectors of the authors' PyTorch release (../shared/oracle beside the repo).
 
 Tests call `load(name)`; the test is skipped when the oracle directory or the
 file is absent (e.g. on a checkout without the shared folder).
