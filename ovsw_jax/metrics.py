@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from ovsw_jax import bitpack
+from ovsw_jax.optim.chain import key_name
 
 
 class FlipState(NamedTuple):
@@ -65,13 +66,7 @@ def _popcount(packed: jax.Array) -> jax.Array:
 
 
 def _path_name(path) -> str:
-  parts = []
-  for entry in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(entry, attr):
-        parts.append(str(getattr(entry, attr)))
-        break
-  return "/".join(parts)
+  return "/".join(key_name(entry) for entry in path)
 
 
 def _per_layer(values: dict[str, tuple[jax.Array, int]], prefix: str) -> dict[str, jax.Array]:

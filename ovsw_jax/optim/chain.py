@@ -12,7 +12,8 @@ from ovsw_jax.optim.ags import scale_by_ags
 from ovsw_jax.optim.sad import add_sad_penalty
 
 
-def _key_name(entry) -> str:
+def key_name(entry) -> str:
+  """The plain name of one pytree path entry (dict key, attribute or index)."""
   for attr in ("key", "name", "idx"):
     if hasattr(entry, attr):
       return str(getattr(entry, attr))
@@ -28,7 +29,7 @@ def binary_weight_mask(params: Any) -> Any:
   same structure, frozen or not.
   """
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: bool(path) and _key_name(path[-1]) == LATENT_KERNEL, params)
+      lambda path, _: bool(path) and key_name(path[-1]) == LATENT_KERNEL, params)
 
 
 def ovsw(
