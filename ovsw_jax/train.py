@@ -316,6 +316,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         checkpointing.save(manager, done, state, force=preemption.requested)
       if preemption.requested:
         break
+  if start_step >= num_steps:  # already trained: report the final state again
+    logging.info("The workdir's checkpoint is at step %d of %d: evaluating only.",
+                 start_step, num_steps)
+    final = evaluate(p_eval_step, state, config, config.eval_batch_size)
+    final.update(instruments(state))
   manager.wait_until_finished()
   writer.flush()
   return final

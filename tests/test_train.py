@@ -94,6 +94,11 @@ def test_resume_gives_bitwise_the_same_state(tmp_path):
   config.num_train_steps = 6  # ... and start again in the same workdir
   train.train_and_evaluate(config, str(tmp_path / "resumed"))
 
+  # Starting a finished run again trains nothing and reports the same result.
+  again = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  assert again["eval_count"] == input_pipeline.get_info(config).num_eval
+  assert 0.0 <= again["silent_ratio"] <= 1.0
+
   a = _final_state(config, tmp_path / "straight")
   b = _final_state(config, tmp_path / "resumed")
   assert int(a.step) == int(b.step) == 6
