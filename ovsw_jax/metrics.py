@@ -48,12 +48,9 @@ def init_flip_state(params: Any, mask: Any) -> FlipState:
 def update_flip_state(flips: FlipState, params: Any, mask: Any) -> FlipState:
   """Records which weights of `params` (after a step) differ from their initial sign."""
   def ever(init, old, p):
-    changed = bitpack.sign_changed(init, p)
-    return old | bitpack.pack_bits(changed)
-  ever_flipped = jax.tree.map(
-      lambda m, i, e, p: ever(i, e, p) if m else None,
-      mask, flips.init_signs, flips.ever_flipped, params, is_leaf=lambda x: x is None)
-  return flips._replace(ever_flipped=ever_flipped)
+    return old | bitpack.pack_bits(bitpack.sign_changed(init, p))
+  return flips._replace(ever_flipped=_masked_map(
+      ever, mask, flips.init_signs, flips.ever_flipped, params))
 
 
 def start_interval(flips: FlipState, params: Any, mask: Any) -> FlipState:
