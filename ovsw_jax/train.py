@@ -11,7 +11,7 @@ import functools
 import logging
 import math
 import signal
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -227,19 +227,38 @@ def _check_config(config: ml_collections.ConfigDict, devices: int) -> None:
           f"count ({devices * jax.process_count()}); set --config.{name}=...")
 
 
+class Setup(NamedTuple):
+  """What a run of a config is built from, before any checkpoint is read."""
+  info: input_pipeline.DatasetInfo
+  steps_per_epoch: int
+  learning_rate_fn: optax.Schedule
+  model: nn.Module
+  tx: optax.GradientTransformation
+  initial_state: TrainState
+
+
+def setup(config: ml_collections.ConfigDict) -> Setup:
+  """The data info, schedule, model, optimizer and initial state of `config`'s run.
+
+  Tools that rebuild a run (the reproduction study's weight snapshots) call this
+  too, so their initial state is the one training started from.
+  """
+  info = input_pipeline.get_info(config)
+  steps_per_epoch = max(info.num_train // config.batch_size, 1)
+  learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
+  model = create_model(config, info.num_classes)
+  tx = create_optimizer(config, learning_rate_fn)
+  state = create_train_state(jax.random.key(config.seed), model, tx, info.image_shape)
+  return Setup(info, steps_per_epoch, learning_rate_fn, model, tx, state)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns final metrics."""
   n_local = jax.local_device_count()
   _check_config(config, jax.device_count() // jax.process_count())
-  info = input_pipeline.get_info(config)
-  steps_per_epoch = max(info.num_train // config.batch_size, 1)
+  info, steps_per_epoch, learning_rate_fn, model, tx, state = setup(config)
   num_steps = (config.num_train_steps if config.get("num_train_steps", -1) > 0
                else int(config.num_epochs * steps_per_epoch))
-  learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
-
-  model = create_model(config, info.num_classes)
-  tx = create_optimizer(config, learning_rate_fn)
-  state = create_train_state(jax.random.key(config.seed), model, tx, info.image_shape)
   mask = binary_weight_mask(state.params)
 
   manager = checkpointing.create_manager(f"{workdir}/checkpoints",

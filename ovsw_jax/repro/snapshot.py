@@ -13,13 +13,11 @@ from __future__ import annotations
 import json
 import pathlib
 
-import jax
 import ml_collections
 import numpy as np
 
-from ovsw_jax import bitpack, checkpointing, input_pipeline, metrics, train
+from ovsw_jax import bitpack, checkpointing, metrics, train
 from ovsw_jax.optim import binary_weight_mask
-from ovsw_jax.optim.factory import create_learning_rate_fn, create_optimizer
 
 WEIGHTS_FILE = "weights.npz"
 CONFIG_FILE = "config.json"
@@ -27,11 +25,7 @@ CONFIG_FILE = "config.json"
 
 def _initial_and_final(config: ml_collections.ConfigDict, workdir: str):
   """(initial state, restored final state) of the run of `config` in `workdir`."""
-  info = input_pipeline.get_info(config)
-  steps_per_epoch = max(info.num_train // config.batch_size, 1)
-  model = train.create_model(config, info.num_classes)
-  tx = create_optimizer(config, create_learning_rate_fn(config, steps_per_epoch))
-  initial = train.create_train_state(jax.random.key(config.seed), model, tx, info.image_shape)
+  initial = train.setup(config).initial_state
   manager = checkpointing.create_manager(f"{workdir}/checkpoints")
   final = checkpointing.restore_latest(manager, initial)
   manager.close()
