@@ -4,6 +4,17 @@
 `--config.field=value`); without it the embedded default (`configs/default.py`,
 binary ResNet on scikit-learn's 8x8 digits) runs. The run resumes from the
 newest checkpoint in `--workdir`.
+
+Several processes (one per host, or per GPU): give every process
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (process 0
+serves the coordinator at HOST:PORT), or, on a cluster jax detects by itself
+(TPU pods, SLURM), `--config.distributed_init=True` alone. See `launch/`.
+
+Each process of a multi-process run trains in a child of a thin supervising
+parent (`supervisor`), which turns a peer's death into a clear message.
+
+Exit status: 0 finished; 75 (`preemption.EXIT_PREEMPTED`) stopped on SIGTERM
+after checkpointing (start the same command again to resume); 1 an error.
 """
 
 from __future__ import annotations
@@ -15,12 +26,24 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ovsw_jax import supervisor
+
 _DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parent.parent / "configs" / "default.py")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 config_flags.DEFINE_config_file(
     "config", _DEFAULT_CONFIG, "Training configuration file.", lock_config=True)
+flags.DEFINE_string("coordinator_address", None,
+                    "HOST:PORT of process 0's coordination service (multi-process runs).")
+flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+flags.DEFINE_string("local_device_ids", None,
+                    "Comma-separated accelerator numbers this process drives, e.g. 0,1,2,3 "
+                    "(default: jax decides; under SLURM that is one GPU per process).")
+flags.DEFINE_integer("heartbeat_timeout_s", 60,
+                     "Seconds without a peer's heartbeat after which the other processes "
+                     "stop with an error (a dead host).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -35,23 +58,40 @@ def _quiet_orbax_info() -> None:
   logging.get_absl_handler().addFilter(_Filter())
 
 
+def _start_processes(config) -> None:
+  from ovsw_jax import multihost  # pylint: disable=g-import-not-at-top
+  multihost.initialize(
+      coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
+      process_id=FLAGS.process_id,
+      local_device_ids=multihost.parse_device_ids(FLAGS.local_device_ids),
+      heartbeat_timeout_s=FLAGS.heartbeat_timeout_s, auto=bool(config.distributed_init))
+  multihost.log_layout()
+
+
+def _multi_process_requested() -> bool:
+  return bool(FLAGS.config.distributed_init) or (FLAGS.num_processes or 1) > 1
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _multi_process_requested() and not supervisor.is_child():
+    # A peer's death aborts this process from C++; the parent says what happened.
+    sys.exit(supervisor.run_child(sys.argv[1:], process_id=FLAGS.process_id,
+                                  workdir=FLAGS.workdir))
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   _quiet_orbax_info()
   # Imported here so `--help` stays fast and TF never grabs an accelerator.
-  import jax  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
-  if FLAGS.config.distributed_init:
-    jax.distributed.initialize()
-  from ovsw_jax import input_pipeline, train  # pylint: disable=g-import-not-at-top
-  logging.info("JAX process %d / %d, local devices: %s", jax.process_index(),
-               jax.process_count(), jax.local_devices())
+  from ovsw_jax import input_pipeline, preemption, train  # pylint: disable=g-import-not-at-top
   try:
+    _start_processes(FLAGS.config)
     result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except input_pipeline.DatasetNotPreparedError as e:
+  except preemption.Preempted as e:
+    logging.warning("%s", e)
+    sys.exit(preemption.EXIT_PREEMPTED)
+  except (input_pipeline.DatasetNotPreparedError, ValueError) as e:
     sys.exit(f"error: {e}")
   if result:
     logging.info("Final: %s", {k: v for k, v in result.items() if "/" not in k})

@@ -10,11 +10,11 @@ resumes automatically from the newest checkpoint in `workdir`.
 import functools
 import logging
 import math
-import signal
 from typing import Any, Callable, NamedTuple
 
 import flax
 import flax.linen as nn
+from flax import jax_utils
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from clu import metric_writers, metrics as clu_metrics, parameter_overview, periodic_actions
 
-from ovsw_jax import checkpointing, input_pipeline, metrics, models
+from ovsw_jax import checkpointing, input_pipeline, metrics, models, preemption
 from ovsw_jax.optim import binary_weight_mask
 from ovsw_jax.optim.factory import create_learning_rate_fn, create_optimizer
 
@@ -194,30 +194,6 @@ def instruments(state: TrainState) -> dict[str, float]:
   return {k: float(v) for k, v in out.items()}
 
 
-class _Preemption:
-  """Turns SIGTERM into a flag the loop polls, so it can checkpoint and stop."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # Not the main thread: leave signals alone.
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: checkpointing and stopping.")
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
 def _check_config(config: ml_collections.ConfigDict, devices: int) -> None:
   for name in ("batch_size", "eval_batch_size"):
     value = config[name]
@@ -252,38 +228,124 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   return Setup(info, steps_per_epoch, learning_rate_fn, model, tx, state)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns final metrics."""
+
+
+class NonFiniteStateError(NonFiniteLossError):
+  """Raised instead of checkpointing a state with NaN or Inf in it."""
+
+
+def nonfinite_leaves(tree: Any) -> list[str]:
+  """Paths of the floating-point leaves of a host tree that hold a NaN or an Inf."""
+  bad = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    leaf = np.asarray(leaf)
+    if np.issubdtype(leaf.dtype, np.floating) and not np.all(np.isfinite(leaf)):
+      bad.append(jax.tree_util.keystr(path))
+  return bad
+
+
+def _check_finite(host_state: TrainState, step: int, last_saved: int | None) -> None:
+  bad = nonfinite_leaves(host_state)
+  if bad:
+    shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    last = (f"the last finite checkpoint is step {last_saved}; it resumes from there"
+            if last_saved is not None else "no checkpoint was written yet")
+    raise NonFiniteStateError(
+        f"Training diverged: at step {step} the state holds NaN/Inf in {len(bad)} tensors "
+        f"({shown}). Nothing was saved at step {step}; {last}. Lower --config.learning_rate "
+        "(or check the data) and start the same command again.")
+
+
+class _Loop(NamedTuple):
+  """The compiled, per-device functions of a run (pmap over local devices)."""
+  train: Callable
+  eval: Callable
+  start_interval: Callable
+
+
+def _compile(run: Setup, config: ml_collections.ConfigDict, donate: bool) -> _Loop:
+  """pmapped train / eval / interval steps over a state replicated on every device.
+
+  The state is replicated explicitly (a leading device axis, `in_axes=0`), so
+  donating it lets every device reuse its own state buffers for the new state.
+  """
+  mask = binary_weight_mask(run.initial_state.params)
+  step = functools.partial(train_step, model=run.model, tx=run.tx,
+                           learning_rate_fn=run.learning_rate_fn,
+                           num_classes=run.info.num_classes,
+                           label_smoothing=config.label_smoothing, axis_name=AXIS)
+  evaluate_ = functools.partial(eval_step, model=run.model, num_classes=run.info.num_classes,
+                                axis_name=AXIS)
+
+  def start(state):
+    return state.replace(flips=metrics.start_interval(state.flips, state.params, mask))
+  return _Loop(
+      train=jax.pmap(step, axis_name=AXIS, donate_argnums=(0,) if donate else ()),
+      eval=jax.pmap(evaluate_, axis_name=AXIS),
+      start_interval=jax.pmap(start, axis_name=AXIS))
+
+
+def _num_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  if config.get("num_train_steps", -1) > 0:
+    return int(config.num_train_steps)
+  return int(config.num_epochs * steps_per_epoch)
+
+
+def _first(x):
+  return np.asarray(x)[0]
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       donate: bool = True) -> dict[str, float]:
+  """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns final metrics.
+
+  Every process of a multi-process run calls this with the same arguments.
+  Raises `preemption.Preempted` after checkpointing when asked to stop
+  (SIGTERM to any process), `NonFiniteStateError` instead of saving a
+  diverged state. `donate` lets each step reuse the previous state's device
+  memory (what an accelerator needs for large models).
+  """
   n_local = jax.local_device_count()
   _check_config(config, jax.device_count() // jax.process_count())
-  info, steps_per_epoch, learning_rate_fn, model, tx, state = setup(config)
-  num_steps = (config.num_train_steps if config.get("num_train_steps", -1) > 0
-               else int(config.num_epochs * steps_per_epoch))
-  mask = binary_weight_mask(state.params)
+  run = setup(config)
+  num_steps = _num_steps(config, run.steps_per_epoch)
 
   manager = checkpointing.create_manager(f"{workdir}/checkpoints",
                                          max_to_keep=config.keep_checkpoints)
-  restored = checkpointing.restore_latest(manager, state)
-  if restored is not None:
-    state = restored
+  state = checkpointing.restore_latest(manager, run.initial_state)
+  if state is not None:
     logging.info("Resumed from step %d.", int(state.step))
+  else:
+    state = run.initial_state
   start_step = int(state.step)
+  last_saved = start_step if start_step > 0 else None
 
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
     writer.write_hparams({k: v for k, v in config.to_dict().items()
                           if isinstance(v, (int, float, str, bool))})
-    parameter_overview.log_parameter_overview(state.params)
+    if jax.process_index() == 0:
+      parameter_overview.log_parameter_overview(state.params)
 
-  p_train_step = jax.pmap(
-      functools.partial(train_step, model=model, tx=tx, learning_rate_fn=learning_rate_fn,
-                        num_classes=info.num_classes,
-                        label_smoothing=config.label_smoothing, axis_name=AXIS),
-      axis_name=AXIS, in_axes=(None, 0), out_axes=(None, 0), donate_argnums=(0,))
-  p_eval_step = jax.pmap(
-      functools.partial(eval_step, model=model, num_classes=info.num_classes, axis_name=AXIS),
-      axis_name=AXIS, in_axes=(None, 0), out_axes=0)
+  loop = _compile(run, config, donate)
+  rstate = jax_utils.replicate(state)
+  del state
+
+  def host_state():
+    return jax.device_get(jax_utils.unreplicate(rstate))
+
+  def save(step, force=False):
+    nonlocal last_saved
+    host = host_state()
+    _check_finite(host, step, last_saved)
+    checkpointing.save(manager, step, host, force=force)
+    last_saved = step
+
+  def evaluate_now():
+    summary = evaluate(loop.eval, rstate, config, config.eval_batch_size)
+    summary.update(instruments(host_state()))
+    return summary
 
   train_iter = input_pipeline.train_iterator(
       config, global_batch_size=config.batch_size, start_step=start_step, seed=config.seed,
@@ -293,53 +355,66 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     hooks.append(periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer))
 
   log_every = max(int(config.log_every_steps), 1)
-  sync_every = min(log_every, 16)  # bound queued steps (XLA CPU collectives can deadlock)
-  eval_every = max(int(config.eval_every_epochs * steps_per_epoch), 1)
+  eval_every = max(int(config.eval_every_epochs * run.steps_per_epoch), 1)
   ckpt_every = max(int(config.checkpoint_every_steps), 1)
   train_metrics = None
   final = {}
+  previous = None  # (step, metrics) of the step dispatched before the current one
   logging.info("Training %d steps (%d per epoch) from step %d.", num_steps,
-               steps_per_epoch, start_step)
-  with _Preemption() as preemption:
+               run.steps_per_epoch, start_step)
+  with preemption.Preemption() as preempt:
     for step in range(start_step, num_steps):
       batch = _shard(next(train_iter), n_local)
-      state, step_metrics = p_train_step(state, batch)
+      rstate, step_metrics = loop.train(rstate, batch)
+      done = step + 1
+      # At most two steps in flight: reading the previous step's loss blocks
+      # until it finished. Queues of unfinished steps can deadlock XLA's CPU
+      # collectives across processes, and the loss is checked at every step.
+      if previous is not None:
+        _check_loss(*previous)
+      previous = (done, step_metrics)
       update = TrainMetrics.single_from_model_output(
           **{k: step_metrics[k][0] for k in ("loss", "accuracy", "top5", "step_flip_ratio")})
       train_metrics = update if train_metrics is None else train_metrics.merge(update)
       for hook in hooks:
-        hook(step + 1)
-      done = step + 1
-      if done % sync_every == 0 or done == num_steps:
-        loss = float(step_metrics["loss"][0])
-        if not math.isfinite(loss):
-          raise NonFiniteLossError(
-              f"Loss became {loss} at step {done}; lower --config.learning_rate or check the "
-              "data. The last good checkpoint is in the workdir.")
-      if done % log_every == 0 or done == num_steps:
+        hook(done)
+      stop = preempt.stop_at(done)
+      last = done == num_steps
+      if done % log_every == 0 or last:
         summary = {f"train_{k}": float(v) for k, v in train_metrics.compute().items()}
-        summary["learning_rate"] = float(step_metrics["learning_rate"][0])
+        summary["learning_rate"] = float(_first(step_metrics["learning_rate"]))
         for key in ("silent_fraction", "scaled_fraction"):
           if key in step_metrics:
-            summary[key] = float(step_metrics[key][0])
+            summary[key] = float(_first(step_metrics[key]))
         writer.write_scalars(done, summary)
         train_metrics = None
-      if done % eval_every == 0 or done == num_steps:
-        summary = evaluate(p_eval_step, state, config, config.eval_batch_size)
-        summary.update(instruments(state))
-        summary["epoch"] = done / steps_per_epoch
+      if done % eval_every == 0 or last:
+        _check_loss(*previous)
+        summary = evaluate_now()
+        summary["epoch"] = done / run.steps_per_epoch
         writer.write_scalars(done, summary)
         final = summary
-        state = state.replace(flips=metrics.start_interval(state.flips, state.params, mask))
-      if done % ckpt_every == 0 or done == num_steps or preemption.requested:
-        checkpointing.save(manager, done, state, force=preemption.requested)
-      if preemption.requested:
-        break
+        rstate = loop.start_interval(rstate)
+      if done % ckpt_every == 0 or last or stop:
+        _check_loss(*previous)
+        save(done, force=stop)
+      if stop:
+        manager.wait_until_finished()
+        writer.flush()
+        raise preemption.Preempted(done)
   if start_step >= num_steps:  # already trained: report the final state again
     logging.info("The workdir's checkpoint is at step %d of %d: evaluating only.",
                  start_step, num_steps)
-    final = evaluate(p_eval_step, state, config, config.eval_batch_size)
-    final.update(instruments(state))
+    final = evaluate_now()
   manager.wait_until_finished()
   writer.flush()
   return final
+
+
+def _check_loss(step: int, step_metrics: dict[str, jax.Array]) -> None:
+  loss = float(_first(step_metrics["loss"]))
+  if not math.isfinite(loss):
+    raise NonFiniteLossError(
+        f"Loss became {loss} at step {step}; nothing of that step was saved. Lower "
+        "--config.learning_rate (or check the data) and start the same command again: "
+        "it resumes from the last checkpoint.")

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+from ovsw_jax import preemption
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -40,7 +42,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
       break
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)
-  assert proc.returncode == 0, "".join(lines) + out
+  assert proc.returncode == preemption.EXIT_PREEMPTED, "".join(lines) + out
   steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
   assert steps and max(steps) >= 5, "SIGTERM must leave a checkpoint of the current step"
   # A second run resumes from that step.

@@ -1,0 +1,213 @@
+"""Real multi-process runs of `python -m ovsw_jax.main` on 127.0.0.1.
+
+Each test starts 2 processes with 2 fake CPU devices each (the layout of a GPU
+node or a TPU host), every one under `timeout -k`, so a hang fails the test
+instead of blocking the suite. What they show: checkpoints are written once by
+the run and restored by every process; the result equals a 1-process
+4-device run; a resume, also with another process count, continues the same
+run; SIGTERM to one process stops both at the same step with the preempted
+exit status; a killed process ends the other with a clear message.
+"""
+
+import importlib.util
+import os
+import pathlib
+import signal
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from ovsw_jax import checkpointing, preemption, train
+
+pytestmark = pytest.mark.slow
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RUNLOCAL = [f"--config={ROOT}/configs/default.py:runlocal"]
+LIMIT_S = 240  # per process; `timeout -k` kills a hung one
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def start(args, log, *, devices=2, limit_s=LIMIT_S):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+  cmd = ["timeout", "-k", "60", str(limit_s), sys.executable, "-m", "ovsw_jax.main", *args]
+  return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=open(log, "w"),
+                          stderr=subprocess.STDOUT)
+
+
+def start_pair(workdir, args, logs, devices=2):
+  port = free_port()
+  return [start([f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}",
+                 "--num_processes=2", f"--process_id={i}", *args], logs / f"p{i}.log",
+                devices=devices)
+          for i in range(2)]
+
+
+def outputs(logs):
+  return [(logs / f"p{i}.log").read_text() for i in range(2)]
+
+
+def run_pair(workdir, args, logs, devices=2):
+  logs.mkdir(parents=True, exist_ok=True)
+  procs = start_pair(workdir, args, logs, devices)
+  rcs = [p.wait(timeout=LIMIT_S + 90) for p in procs]
+  out = outputs(logs)
+  assert rcs == [0, 0], f"exit statuses {rcs}\n" + "\n".join(o[-3000:] for o in out)
+  return out
+
+
+def run_single(workdir, args, log, devices=4):
+  proc = start([f"--workdir={workdir}", *args], log, devices=devices)
+  rc = proc.wait(timeout=LIMIT_S + 90)
+  out = pathlib.Path(log).read_text()
+  assert rc == 0, out[-3000:]
+  return out
+
+
+def config_of(num_train_steps):
+  spec = importlib.util.spec_from_file_location("default_cfg", ROOT / "configs" / "default.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("runlocal")
+  config.num_train_steps = num_train_steps
+  return config
+
+
+def state_at(workdir, step):
+  target = train.setup(config_of(step)).initial_state
+  manager = checkpointing.create_manager(f"{workdir}/checkpoints")
+  return checkpointing.restore(manager, step, target)
+
+
+def assert_states_close(a, b, rtol=2e-4, atol=2e-5):
+  # 2x2 and 1x4 devices sum the 4 gradients in a different order (gloo's ring
+  # across processes, XLA's in-process all-reduce), so the states differ by
+  # float32 rounding, grown over a few steps (measured: 5e-5 relative at most
+  # after 6 steps). Both layouts are deterministic, so this never flakes.
+  la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)
+  assert len(la) == len(lb)
+  for (path, x), y in zip(la, lb):
+    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64),
+                               rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+def checkpoint_steps(workdir):
+  entries = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+  return entries
+
+
+def test_two_processes_checkpoint_resume_and_equal_one_process(tmp_path):
+  two, one = tmp_path / "two", tmp_path / "one"
+  args = RUNLOCAL + ["--config.checkpoint_every_steps=3", "--config.keep_checkpoints=5"]
+  out = run_pair(two, args + ["--config.num_train_steps=6"], tmp_path / "logs_a")
+  assert checkpoint_steps(two) == ["3", "6"]  # one checkpoint per save step, no leftovers
+  assert len(list(two.glob("events.out.tfevents.*"))) == 1  # TensorBoard written once
+  assert all("JAX process" in o and "of 2" in o for o in out)
+
+  # The same config on 1 process with 4 devices, straight to step 8.
+  run_single(one, args + ["--config.num_train_steps=8"], tmp_path / "one.log")
+  # (The 6-step run evaluated at its last step, which starts a new flip-ratio
+  # interval; the straight run did not: compare all but those interval signs.)
+  a, b = state_at(two, 6), state_at(one, 6)
+  assert int(a.step) == int(b.step) == 6
+  assert_states_close(a.replace(flips=None), b.replace(flips=None))
+  assert_states_close(a.flips.ever_flipped, b.flips.ever_flipped)
+
+  # Another layout resumes the 2-process checkpoint: 1 process, 4 devices.
+  relayout = tmp_path / "relayout"
+  shutil.copytree(two, relayout)
+  out1 = run_single(relayout, args + ["--config.num_train_steps=8"], tmp_path / "relayout.log")
+  assert "Resumed from step 6" in out1
+
+  # The 2-process run started again resumes and ends where the straight run ends.
+  out = run_pair(two, args + ["--config.num_train_steps=8"], tmp_path / "logs_b")
+  assert all("Resumed from step 6" in o for o in out)
+  assert checkpoint_steps(two) == ["3", "6", "8"]
+  assert_states_close(state_at(two, 8), state_at(one, 8))
+  assert_states_close(state_at(relayout, 8), state_at(one, 8))
+
+
+def test_two_processes_of_one_device_are_bitwise_one_process_of_two(tmp_path):
+  # Two addends sum the same in any order: this layout change is exact.
+  args = RUNLOCAL + ["--config.num_train_steps=4"]
+  run_pair(tmp_path / "two", args, tmp_path / "logs", devices=1)
+  run_single(tmp_path / "one", args, tmp_path / "one.log", devices=2)
+  a, b = state_at(tmp_path / "two", 4), state_at(tmp_path / "one", 4)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def wait_for(path, text, deadline_s):
+  deadline = time.time() + deadline_s
+  while time.time() < deadline:
+    if path.exists() and text in path.read_text():
+      return True
+    time.sleep(0.5)
+  return False
+
+
+LONG = RUNLOCAL + ["--config.num_train_steps=100000", "--config.log_every_steps=2",
+                   "--config.checkpoint_every_steps=100000"]
+
+
+def test_sigterm_to_one_process_saves_one_step_on_both_and_resumes(tmp_path):
+  workdir, logs = tmp_path / "wd", tmp_path / "logs"
+  logs.mkdir()
+  procs = start_pair(workdir, LONG, logs)
+  try:
+    assert wait_for(logs / "p0.log", "train_loss", LIMIT_S - 60), outputs(logs)[0][-3000:]
+    procs[1].send_signal(signal.SIGTERM)  # the launcher of process 1 only
+    rcs = [p.wait(timeout=LIMIT_S) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  out = outputs(logs)
+  assert rcs == [preemption.EXIT_PREEMPTED] * 2, f"{rcs}\n" + out[0][-2000:] + out[1][-2000:]
+  steps = set()
+  for o in out:
+    line = [l for l in o.splitlines() if "Preempted at step" in l]
+    assert line, o[-2000:]
+    steps.add(int(line[-1].split("Preempted at step ")[1].split(":")[0]))
+  assert len(steps) == 1, f"the processes stopped at different steps: {steps}"
+  (step,) = steps
+  assert checkpoint_steps(workdir) == [str(step)]
+
+  out = run_pair(workdir, RUNLOCAL + [f"--config.num_train_steps={step + 2}"], tmp_path / "l2")
+  assert all(f"Resumed from step {step}" in o for o in out)
+
+
+def test_a_killed_process_ends_the_other_with_a_clear_message(tmp_path):
+  workdir, logs = tmp_path / "wd", tmp_path / "logs"
+  logs.mkdir()
+  procs = start_pair(workdir, LONG, logs)
+  try:
+    assert wait_for(logs / "p0.log", "train_loss", LIMIT_S - 60), outputs(logs)[0][-3000:]
+    # Kill the trainer of process 1 (timeout -> supervisor -> trainer), as a lost host would.
+    supervisor_pid = int(subprocess.check_output(["pgrep", "-P", str(procs[1].pid)]).split()[0])
+    trainer_pid = int(subprocess.check_output(["pgrep", "-P", str(supervisor_pid)]).split()[0])
+    killed_at = time.time()
+    os.kill(trainer_pid, signal.SIGKILL)
+    rc0 = procs[0].wait(timeout=150)
+    waited = time.time() - killed_at
+    rc1 = procs[1].wait(timeout=60)
+  finally:
+    for p in procs:
+      p.kill()
+  out = outputs(logs)
+  assert rc0 != 0 and rc1 != 0
+  assert waited < 120, f"the survivor took {waited:.0f} s to stop"
+  assert "Process 0 of the multi-process run ended abnormally" in out[0], out[0][-3000:]
+  assert "another process died" in out[0]
+  assert "resume from the last checkpoint" in out[0]
+  assert "Process 1 of the multi-process run ended abnormally (SIGKILL)" in out[1]
