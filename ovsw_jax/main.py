@@ -8,6 +8,8 @@ newest checkpoint in `--workdir`.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import pathlib
 import sys
@@ -15,7 +17,25 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parent.parent / "configs" / "default.py")
+
+def _default_config() -> str:
+  """The path of `configs/default.py`: the checkout's, else the installed package's.
+
+  A wheel carries `configs/` as `ovsw_jax.configs`. The config files import
+  their shared fields as `configs.common`; where no top-level `configs` package
+  is importable (an install without a checkout), that name is bound to the
+  packaged copy.
+  """
+  package = pathlib.Path(__file__).resolve().parent
+  checkout = package.parent / "configs" / "default.py"
+  if checkout.is_file():
+    return str(checkout)
+  if importlib.util.find_spec("configs") is None:
+    sys.modules["configs"] = importlib.import_module("ovsw_jax.configs")
+  return str(package / "configs" / "default.py")
+
+
+_DEFAULT_CONFIG = _default_config()
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
