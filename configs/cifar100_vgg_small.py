@@ -1,11 +1,11 @@
-"""OvSW, VGG-small (4.7M params), CIFAR-100: the release's CIFAR recipe (spec section 7).
+"""OvSW, VGG-small (4.7M params), CIFAR-100: the release's CIFAR recipe (docs/method.md §7).
 
 Launch (one host, all its GPUs; data prepared with tfds, see README):
   python -m ovsw_jax.main --config=configs/cifar100_vgg_small.py --workdir=runs/cifar100_vgg_small \
       --config.data_dir=$TFDS_DATA_DIR
 Vanilla BNN baseline: --config=configs/cifar100_vgg_small.py:vanilla
 Hardware assumed: one GPU with >= 16 GB (the release: one GPU, batch 256, fp16).
-Expected top-1: none is claimed here (the spec gives no CIFAR-100 figure);
+Expected top-1: none is claimed here (neither the paper nor the release gives a CIFAR-100 figure);
 fill in the README results table when run.
 
 delta and dampen_weight are the release's CIFAR-10 ResNet-20 values (0.04 / 9e-4);

@@ -1,4 +1,4 @@
-"""OvSW, ResNet-18 (11.2M params), CIFAR-10: the release's CIFAR recipe (spec section 7).
+"""OvSW, ResNet-18 (11.2M params), CIFAR-10: the release's CIFAR recipe (docs/method.md §7).
 
 Launch (one host, all its GPUs; data prepared with tfds, see README):
   python -m ovsw_jax.main --config=configs/cifar10_resnet18.py --workdir=runs/cifar10_resnet18 \

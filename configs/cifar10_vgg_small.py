@@ -1,4 +1,4 @@
-"""OvSW, VGG-small (4.7M params), CIFAR-10: the release's CIFAR recipe (spec section 7).
+"""OvSW, VGG-small (4.7M params), CIFAR-10: the release's CIFAR recipe (docs/method.md §7).
 
 Launch (one host, all its GPUs; data prepared with tfds, see README):
   python -m ovsw_jax.main --config=configs/cifar10_vgg_small.py --workdir=runs/cifar10_vgg_small \

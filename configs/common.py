@@ -26,7 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = "resnet20"
   c.model_kwargs = ml_collections.ConfigDict()
   c.half_precision = False     # bfloat16 compute, float32 params.
-  # Recipe (spec section 7).
+  # Recipe (docs/method.md §7).
   c.seed = 0
   c.batch_size = 256           # global, over all devices and hosts.
   c.eval_batch_size = 256
@@ -40,7 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.weight_decay = 5e-4
   c.wd_exclude_1d = False      # True: no weight decay on BatchNorm, biases, PReLU.
   c.label_smoothing = 0.0
-  # OvSW (spec sections 2-4).
+  # OvSW (docs/method.md §2-4).
   c.ovsw = ml_collections.ConfigDict()
   c.ovsw.ags = True
   c.ovsw.sad = True

@@ -1,4 +1,4 @@
-"""OvSW, ResNet-34, ImageNet (imagenet2012): the release's recipe (spec section 7).
+"""OvSW, ResNet-34, ImageNet (imagenet2012): the release's recipe (docs/method.md §7).
 
 Launch (prepare the data first: README, "ImageNet"):
   python -m ovsw_jax.main --config=configs/imagenet_r34.py --workdir=runs/imagenet_r34 \

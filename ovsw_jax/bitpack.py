@@ -13,7 +13,13 @@ import jax.numpy as jnp
 
 
 def pack_signs(x: jax.Array) -> jax.Array:
-  """Packs `sign(x)` into a uint8 array of shape `(2, ceil(x.size / 8))`."""
+  """Packs `sign(x)` into a uint8 array of shape `(2, ceil(x.size / 8))`.
+
+  >>> import jax.numpy as jnp
+  >>> packed = pack_signs(jnp.array([0.5, 0.0, -2.0]))
+  >>> packed.shape, unpack_signs(packed, (3,)).tolist()
+  ((2, 1), [1, 0, -1])
+  """
   flat = x.reshape(-1)
   return jnp.stack([jnp.packbits(flat > 0), jnp.packbits(flat < 0)])
 
@@ -41,5 +47,12 @@ def unpack_bits(packed: jax.Array, shape) -> jax.Array:
 
 
 def sign_changed(packed: jax.Array, x: jax.Array) -> jax.Array:
-  """Boolean array, True where `sign(x)` differs from the packed sign."""
+  """Boolean array, True where `sign(x)` differs from the packed sign.
+
+  A move to or from exactly zero counts as a change (`sign(0) = 0`).
+
+  >>> import jax.numpy as jnp
+  >>> sign_changed(pack_signs(jnp.array([1.0, -1.0, 0.0])), jnp.array([2.0, 1.0, -1.0])).tolist()
+  [False, True, True]
+  """
   return jnp.sign(x).astype(jnp.int8) != unpack_signs(packed, x.shape)

@@ -1,4 +1,4 @@
-"""The release's binary convolution (spec section 5) and its Flax module."""
+"""The release's binary convolution (docs/method.md §5) and its Flax module."""
 
 from __future__ import annotations
 
@@ -9,10 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from ovsw_jax import quantizers
+from ovsw_jax.naming import LATENT_KERNEL
 
-# Parameter name of every binary layer's latent weight. `binary_weight_mask`
-# keys on it, so a binary kernel is recognised whatever its module is called.
-LATENT_KERNEL = "latent_kernel"
 
 PaddingLike = int | str | Sequence[tuple[int, int]]
 
@@ -43,7 +41,7 @@ def normalize_activations(x: jax.Array, eps: float = 1e-5) -> jax.Array:
 
   The variance is unbiased (as `torch.var`) over all axes but the batch axis.
   Signs are unchanged; the scaling decides where ApproxSign's gradient is
-  non-zero (spec section 5, step 1).
+  non-zero (docs/method.md §5, step 1).
   """
   axes = tuple(range(1, x.ndim))
   var = jnp.var(x.astype(jnp.float32), axis=axes, keepdims=True, ddof=1)
@@ -60,7 +58,7 @@ def xnor_conv(x: jax.Array,
   """The release's binary ("xnor") convolution, NHWC input and HWIO kernel.
 
   `conv(approx_sign(x'), ste_sign(kernel)) * alpha`, where `x'` is `x` divided
-  by its per-example standard deviation in training (spec section 5) and
+  by its per-example standard deviation in training (docs/method.md §5) and
   `alpha` is `quantizers.channel_scale(kernel)`.
 
   Args:
@@ -74,6 +72,13 @@ def xnor_conv(x: jax.Array,
 
   Returns:
     `(N, H', W', C_out)` in `x.dtype`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    >>> kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 16))
+    >>> xnor_conv(x, kernel, strides=2, padding=1).shape
+    (2, 4, 4, 16)
   """
   if kernel.ndim < 2:
     raise ValueError(f"kernel must have rank >= 2 (HWIO), got shape {kernel.shape}.")
@@ -101,7 +106,7 @@ def xnor_conv(x: jax.Array,
 
 
 class BinaryConv(nn.Module):
-  """Binary convolution with 1-bit weights and activations (spec section 5).
+  """Binary convolution with 1-bit weights and activations (docs/method.md §5).
 
   The latent weight is the parameter `latent_kernel` (HWIO), initialised with
   Kaiming normal (fan-in, gain sqrt(2)) as in the release. No bias.

@@ -19,6 +19,8 @@ after checkpointing (start the same command again to resume); 1 an error.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import pathlib
 import sys
@@ -28,7 +30,24 @@ from ml_collections import config_flags
 
 from ovsw_jax import supervisor
 
-_DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parent.parent / "configs" / "default.py")
+def _default_config() -> str:
+  """The path of `configs/default.py`: the checkout's, else the installed package's.
+
+  A wheel carries `configs/` as `ovsw_jax.configs`. The config files import
+  their shared fields as `configs.common`; where no top-level `configs` package
+  is importable (an install without a checkout), that name is bound to the
+  packaged copy.
+  """
+  package = pathlib.Path(__file__).resolve().parent
+  checkout = package.parent / "configs" / "default.py"
+  if checkout.is_file():
+    return str(checkout)
+  if importlib.util.find_spec("configs") is None:
+    sys.modules["configs"] = importlib.import_module("ovsw_jax.configs")
+  return str(package / "configs" / "default.py")
+
+
+_DEFAULT_CONFIG = _default_config()
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")

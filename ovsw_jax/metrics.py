@@ -1,4 +1,4 @@
-"""The paper's instruments (spec section 8): flip ratio, silent ratio, OvSW's own fractions.
+"""The paper's instruments (docs/method.md §8): flip ratio, silent ratio, OvSW's own fractions.
 
 `FlipState` lives in the train state (so it is checkpointed) and holds, per
 binary kernel, bit-packed: the signs at initialisation, the signs at the start
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from ovsw_jax import bitpack
-from ovsw_jax.optim.chain import key_name
+from ovsw_jax.naming import key_name
 
 
 class FlipState(NamedTuple):

@@ -20,7 +20,7 @@ def ste_sign(x: jax.Array, clip_value: float | None = None) -> jax.Array:
   Forward: `sign(x)`. Backward: `g` (identity) when `clip_value` is None, else
   `g * (|x| <= clip_value)` (the gradient is cancelled outside the clip range,
   as in BinaryConnect). OvSW binarizes latent weights with the identity form
-  (spec section 5, step 3).
+  (docs/method.md §5, step 3).
 
   Args:
     x: input array.
@@ -28,6 +28,12 @@ def ste_sign(x: jax.Array, clip_value: float | None = None) -> jax.Array:
 
   Returns:
     `sign(x)` in `x.dtype`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> x = jnp.array([-2.0, 0.0, 0.5])
+    >>> ste_sign(x).tolist(), jax.grad(lambda x: ste_sign(x).sum())(x).tolist()
+    ([-1.0, 0.0, 1.0], [1.0, 1.0, 1.0])
   """
   return jnp.sign(x)
 
@@ -50,8 +56,11 @@ def approx_sign(x: jax.Array) -> jax.Array:
   """Sign with the ApproxSign gradient of Bi-Real Net (Liu et al., 2018).
 
   Forward: `sign(x)`. Backward: `g * max(0, 2 - 2|x|)`, the derivative of the
-  piecewise-quadratic approximation of sign. Used for activations (spec
-  section 5, step 2).
+  piecewise-quadratic approximation of sign. Used for activations (docs/method.md §5, step 2).
+
+  >>> import jax, jax.numpy as jnp
+  >>> jax.grad(lambda x: approx_sign(x).sum())(jnp.array([-2.0, -0.25, 0.0, 0.75])).tolist()
+  [0.0, 1.5, 2.0, 0.5]
   """
   return jnp.sign(x)
 
@@ -69,7 +78,7 @@ approx_sign.defvjp(_approx_sign_fwd, _approx_sign_bwd)
 
 
 def channel_scale(w: jax.Array, axis: int = -1, eps: float = 1e-5) -> jax.Array:
-  """Per-output-channel scale `alpha` of a binary kernel (spec section 5, step 4).
+  """Per-output-channel scale `alpha` of a binary kernel (docs/method.md §5, step 4).
 
   The kernel is standardised per channel, `(w - mean_o) / sqrt(var_o + eps)`
   with the unbiased variance (as `torch.var`), and `alpha_o` is the mean
@@ -82,6 +91,12 @@ def channel_scale(w: jax.Array, axis: int = -1, eps: float = 1e-5) -> jax.Array:
 
   Returns:
     A vector of length `w.shape[axis]`, in `w.dtype`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> w = jnp.array([[1.0, 5.0], [-1.0, 5.0]])  # channel 0: +-1; channel 1: constant
+    >>> channel_scale(w).tolist()  # |+-1| / sqrt(2 + 1e-5); 0 / sqrt(0 + 1e-5)
+    [0.7071..., 0.0]
   """
   if w.ndim < 2:
     raise ValueError(

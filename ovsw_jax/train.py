@@ -24,7 +24,7 @@ from clu import metric_writers, metrics as clu_metrics, parameter_overview, peri
 
 from ovsw_jax import checkpointing, input_pipeline, metrics, models, preemption
 from ovsw_jax.optim import binary_weight_mask
-from ovsw_jax.optim.factory import create_learning_rate_fn, create_optimizer
+from ovsw_jax.train_optimizer import create_learning_rate_fn, create_optimizer
 
 AXIS = "batch"
 

@@ -8,14 +8,14 @@ import pytest
 
 import ovsw_jax as ow
 
-try:
-  import oracle
-except ImportError:  # tests/ made a package
-  from tests import oracle
+from helpers import load_oracle
 
 
 def ags_ref(g, w, delta, axis=-1, grad_eps=1e-6, param_eps=1e-3):
-  """Spec section 2 in float64. Returns (scaled gradient, per-channel 'scaled' flags)."""
+  """AGS (paper Eq. 6, docs/method.md §2) in float64.
+
+  Returns (scaled gradient, per-channel 'scaled' flags).
+  """
   g64 = np.moveaxis(np.asarray(g, np.float64), axis, -1)
   w64 = np.moveaxis(np.asarray(w, np.float64), axis, -1)
   c = g64.shape[-1]
@@ -106,20 +106,20 @@ def test_zero_gradient_channel_stays_exactly_zero():
 @pytest.mark.parametrize("case", [0, 1])
 @pytest.mark.parametrize("jit", [False, True])
 def test_teacher_forced_against_oracle(case, jit):
-  d = oracle.load(f"ovsw_steps_public_{case}")
+  d = load_oracle(f"ovsw_steps_public_{case}")
   tx = ow.scale_by_ags(float(d["delta"]))
   outs, state = run_steps(tx, list(d["g_raw"]), list(d["w"]), jit=jit)
   for t, u in enumerate(outs):
     expected = d["g_ags"][t]
-    np.testing.assert_allclose(np.asarray(u), expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max(),
-                               err_msg=f"step {t}")
+    np.testing.assert_allclose(np.asarray(u), expected, rtol=1e-5,
+                               atol=1e-6 * np.abs(expected).max(), err_msg=f"step {t}")
   assert int(state.count) == len(outs)
 
 
 @pytest.mark.parametrize("case", [0, 1])
 def test_numpy_reference_matches_oracle(case):
   # Guards the numpy model used by the other tests.
-  d = oracle.load(f"ovsw_steps_public_{case}")
+  d = load_oracle(f"ovsw_steps_public_{case}")
   any_scaled = False
   for t in range(d["w"].shape[0]):
     ref, scaled = ags_ref(d["g_raw"][t], d["w"][t], float(d["delta"]))

@@ -1,13 +1,12 @@
-"""Residual blocks against the authors' PyTorch release (spec sections 5, 6).
+"""Residual blocks against the authors' PyTorch release (docs/method.md §5, §6).
 
 Each oracle file holds one training-mode forward and backward of one of the
-release's own blocks with given parameters (see shared/oracle/README.md). The
+release's own blocks with given parameters (see tests/data/oracle/README.md). The
 Flax block is loaded with those parameters and must reproduce the output, the
 input gradient, every parameter gradient and the BatchNorm running statistics.
 """
 
 import functools
-import pathlib
 
 import flax
 import jax
@@ -15,25 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import load_oracle
 from ovsw_jax.models import BasicBlockCifar, BasicBlockImageNet
 
 # XLA's CPU optimisation passes dominate these tests' run time (many small
 # programs, each run once); turning them down changes no result.
 _jit = functools.partial(jax.jit, compiler_options={
     "xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True})
-
-
-def _oracle_dir() -> pathlib.Path:
-  # The repository is <root>/main, the oracle <root>/shared/oracle.
-  return pathlib.Path(__file__).resolve().parents[2] / "shared" / "oracle"
-
-
-def _load(case: str) -> dict[str, np.ndarray]:
-  path = _oracle_dir() / f"block_{case}_public.npz"
-  if not path.exists():
-    pytest.skip(f"oracle file {path} not found")
-  with np.load(path) as data:
-    return {k: data[k] for k in data.files}
 
 
 # The release's block -> the Flax block built with the same shapes.
@@ -87,7 +74,7 @@ def _assert_close(actual, expected, what, rtol=1e-5, atol=1e-5):
 
 @pytest.mark.parametrize("case", sorted(BLOCKS))
 def test_block_matches_release(case):
-  data = _load(case)
+  data = load_oracle(f"block_{case}_public")
   block = BLOCKS[case]()
   x, dy = jnp.asarray(data["x"]), jnp.asarray(data["dy"])
   # Shapes only (nothing runs); every value then comes from the oracle.

@@ -6,7 +6,7 @@ import optax
 
 from configs import common
 from ovsw_jax import checkpointing, models, train
-from ovsw_jax.optim.factory import create_optimizer
+from ovsw_jax.train_optimizer import create_optimizer
 
 
 def make_state(seed):

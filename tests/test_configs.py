@@ -1,26 +1,16 @@
 """Every config file loads (with each `:arg`) and builds its model."""
 
-import importlib.util
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import pytest
 
+from helpers import CONFIG_DIR, load_config
 from ovsw_jax import models
 from ovsw_jax.optim import binary_weight_mask
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 CONFIG_FILES = sorted(p for p in CONFIG_DIR.glob("*.py")
                       if p.name not in ("__init__.py", "common.py"))
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenet2012": 1000}
-
-
-def load(path, arg=None):
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def test_there_is_a_config_per_paper_setting():
@@ -33,7 +23,7 @@ def test_there_is_a_config_per_paper_setting():
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
 def test_config_loads_and_builds_model(path):
-  config = load(path)
+  config = load_config(path)
   assert config.model in models.MODELS
   assert path.read_text().lstrip().startswith('"""'), "each config needs a docstring"
   doc = path.read_text().split('"""')[1]
@@ -51,23 +41,23 @@ def test_config_loads_and_builds_model(path):
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
 def test_config_args(path):
-  vanilla = load(path, "vanilla")
+  vanilla = load_config(path, "vanilla")
   assert not vanilla.ovsw.ags and not vanilla.ovsw.sad
-  ags = load(path, "ags")
+  ags = load_config(path, "ags")
   assert ags.ovsw.ags and not ags.ovsw.sad
-  smoke = load(path, "runlocal,sad")
+  smoke = load_config(path, "runlocal,sad")
   assert smoke.num_train_steps > 0 and smoke.ovsw.sad and not smoke.ovsw.ags
   with pytest.raises(ValueError, match="Unknown config arg"):
-    load(path, "vanila")
+    load_config(path, "vanila")
 
 
 def test_recipes_follow_the_release():
-  r18 = load(CONFIG_DIR / "imagenet_r18.py")
+  r18 = load_config(CONFIG_DIR / "imagenet_r18.py")
   assert (r18.batch_size, r18.num_epochs, r18.warmup_epochs) == (512, 200, 5)
   assert (r18.weight_decay, r18.wd_exclude_1d) == (1e-4, True)
   assert (r18.ovsw.delta, r18.ovsw.dampen_weight) == (0.01, 2e-5)
-  assert load(CONFIG_DIR / "imagenet_r34.py").warmup_epochs == 0
-  c = load(CONFIG_DIR / "cifar10_resnet20.py")
+  assert load_config(CONFIG_DIR / "imagenet_r34.py").warmup_epochs == 0
+  c = load_config(CONFIG_DIR / "cifar10_resnet20.py")
   assert (c.batch_size, c.num_epochs, c.learning_rate) == (256, 600, 0.1)
   assert (c.weight_decay, c.wd_exclude_1d) == (5e-4, False)
   assert (c.ovsw.delta, c.ovsw.dampen_weight) == (0.04, 9e-4)

@@ -7,27 +7,13 @@ import numpy as np
 import pytest
 
 import ovsw_jax as ow
-
-try:
-  import oracle
-except ImportError:  # tests/ made a package
-  from tests import oracle
+from helpers import assert_close, load_oracle
 
 ORACLE_CASES = ["xnor_conv_public_0", "xnor_conv_public_1", "xnor_conv_public_2"]
 
 
-def assert_close(actual, expected, rtol=1e-5, atol=1e-4, rel_to_max=2e-6):
-  """Elementwise float32 tolerance, plus a bound relative to the largest magnitude."""
-  actual = np.asarray(actual, np.float64)
-  expected = np.asarray(expected, np.float64)
-  assert actual.shape == expected.shape
-  np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol)
-  scale = max(np.abs(expected).max(), 1.0)
-  assert np.abs(actual - expected).max() <= rel_to_max * scale
-
-
 # ---------------------------------------------------------------------------
-# An independent numpy model of spec section 5 (float64, explicit loops over taps).
+# An independent numpy model of docs/method.md §5 (float64, explicit loops over taps).
 
 
 def _pad_pairs(padding, kernel_hw):
@@ -98,7 +84,7 @@ def run_xnor(x, kernel, strides, padding, training, dy=None, jit=False):
 @pytest.mark.parametrize("name", ORACLE_CASES)
 @pytest.mark.parametrize("jit", [False, True])
 def test_xnor_conv_matches_oracle(name, jit):
-  d = oracle.load(name)
+  d = load_oracle(name)
   assert np.any(d["x"] == 0), "the oracle input should hold exact zeros"
   s, p = int(d["strides"]), int(d["padding"])
   y, dx, dk = run_xnor(d["x"], d["kernel"], s, p, True, d["dy"], jit=jit)
@@ -113,7 +99,7 @@ def test_xnor_conv_matches_oracle(name, jit):
 @pytest.mark.parametrize("name", ORACLE_CASES)
 def test_numpy_reference_matches_oracle(name):
   # Guards the numpy model used by the tests below.
-  d = oracle.load(name)
+  d = load_oracle(name)
   s, p = int(d["strides"]), int(d["padding"])
   y, back = xnor_ref(d["x"], d["kernel"], s, p, True)
   dx, dk = back(d["dy"])
@@ -125,7 +111,7 @@ def test_numpy_reference_matches_oracle(name):
 
 @pytest.mark.parametrize("name", ORACLE_CASES)
 def test_binary_conv_module_matches_oracle(name):
-  d = oracle.load(name)
+  d = load_oracle(name)
   kh, kw, _, c_out = d["kernel"].shape
   s, p = int(d["strides"]), int(d["padding"])
   module = ow.BinaryConv(features=c_out, kernel_size=(kh, kw), strides=s, padding=p)
@@ -269,8 +255,9 @@ def test_binary_conv_params_and_init():
 
 def test_binary_conv_shapes_and_eval_train_agree():
   x = jnp.asarray(np.random.RandomState(0).randn(2, 8, 8, 4).astype(np.float32))
-  for strides, padding, k, shape in [(1, 1, (3, 3), (2, 8, 8, 6)), (2, 1, (3, 3), (2, 4, 4, 6)),
-                                     (2, 0, (1, 1), (2, 4, 4, 6)), (1, "VALID", (3, 3), (2, 6, 6, 6))]:
+  cases = [(1, 1, (3, 3), (2, 8, 8, 6)), (2, 1, (3, 3), (2, 4, 4, 6)),
+           (2, 0, (1, 1), (2, 4, 4, 6)), (1, "VALID", (3, 3), (2, 6, 6, 6))]
+  for strides, padding, k, shape in cases:
     module = ow.BinaryConv(features=6, kernel_size=k, strides=strides, padding=padding)
     variables = module.init(jax.random.key(1), x)
     y_train = module.apply(variables, x, train=True)

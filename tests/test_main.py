@@ -1,22 +1,19 @@
 """The command line: a missing data set stops with instructions; SIGTERM checkpoints."""
 
-import os
-import pathlib
 import signal
-import subprocess
-import sys
 import time
+
+import pytest
 
 from ovsw_jax import preemption
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import ROOT, module_command
+
+pytestmark = pytest.mark.slow  # each test starts the CLI in a subprocess
 
 
-def run_main(args, cwd=ROOT, **kwargs):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             PYTHONPATH=str(ROOT))
-  return subprocess.Popen([sys.executable, "-m", "ovsw_jax.main", *args], cwd=cwd, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+def run_main(args, cwd=ROOT):
+  return module_command("ovsw_jax.main", args, cwd=cwd)
 
 
 def test_unprepared_dataset_gives_instructions_not_a_traceback(tmp_path):

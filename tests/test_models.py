@@ -1,6 +1,6 @@
-"""The paper's models (spec section 6): sizes, binary masks, shapes and inits.
+"""The paper's models (docs/method.md §6): sizes, binary masks, shapes and inits.
 
-Parameter counts are checked against the release's numbers in the spec table,
+Parameter counts are checked against the release's numbers,
 counted on abstract shapes (`jax.eval_shape`), so the big models never run.
 """
 
@@ -51,9 +51,9 @@ def _init(model, x):
   return init(jax.random.key(0, impl="rbg"), x)
 
 
-# Spec section 6, the release's counts: (model, classes, input size,
+# The release's counts (docs/method.md §6): (model, classes, input size,
 # trainable params, binary convs, binary weights).
-SPEC_TABLE = [
+RELEASE_COUNTS = [
     ("resnet20", 10, CIFAR, 269_850, 18, 267_264),
     ("resnet18_cifar", 10, CIFAR, 11_174_986, 19, 11_157_504),
     ("vgg_small", 10, CIFAR, 4_660_618, 5, 4_571_136),
@@ -62,7 +62,7 @@ SPEC_TABLE = [
 ]
 
 
-@pytest.mark.parametrize("name,classes,size,total,n_binary,binary", SPEC_TABLE)
+@pytest.mark.parametrize("name,classes,size,total,n_binary,binary", RELEASE_COUNTS)
 def test_parameter_counts_match_release(name, classes, size, total, n_binary, binary):
   params = _abstract_variables(name, classes, size)["params"]
   flat, mask = _flat(params), _flat(binary_weight_mask(params))
@@ -73,7 +73,7 @@ def test_parameter_counts_match_release(name, classes, size, total, n_binary, bi
 
 
 def test_resnet20_count_by_formula():
-  """ResNet-20's size from its description alone (spec section 6)."""
+  """ResNet-20's size from its description alone (docs/method.md §6)."""
   classes, widths, blocks = 10, (16, 32, 64), 3
   conv = lambda k, cin, cout: k * k * cin * cout
   bn = lambda c: 2 * c
@@ -107,10 +107,10 @@ EXPECTED_BINARY = {
 }
 
 
-@pytest.mark.parametrize("name,classes,size", [t[:3] for t in SPEC_TABLE])
+@pytest.mark.parametrize("name,classes,size", [t[:3] for t in RELEASE_COUNTS])
 def test_binary_mask_is_exactly_the_binary_convs(name, classes, size):
-  params = _flat(_abstract_variables(name, classes, size)["params"])
-  mask = _flat(binary_weight_mask(_abstract_variables(name, classes, size)["params"]))
+  params = _abstract_variables(name, classes, size)["params"]
+  mask = _flat(binary_weight_mask(params))
   assert {k for k, m in mask.items() if m} == EXPECTED_BINARY[name]
   # Everything else is full precision: stem, classifier, BN, FP shortcuts.
   for key in ("conv1/kernel", "bn1/scale", "bn2/bias", "conv0/kernel", "fc/kernel",

@@ -9,7 +9,6 @@ run; SIGTERM to one process stops both at the same step with the preempted
 exit status; a killed process ends the other with a clear message.
 """
 
-import importlib.util
 import os
 import pathlib
 import signal
@@ -23,11 +22,11 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import ROOT, load_config
 from ovsw_jax import checkpointing, preemption, train
 
 pytestmark = pytest.mark.slow
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUNLOCAL = [f"--config={ROOT}/configs/default.py:runlocal"]
 LIMIT_S = 240  # per process; `timeout -k` kills a hung one
 
@@ -76,10 +75,7 @@ def run_single(workdir, args, log, devices=4):
 
 
 def config_of(num_train_steps):
-  spec = importlib.util.spec_from_file_location("default_cfg", ROOT / "configs" / "default.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("runlocal")
+  config = load_config("default", "runlocal")
   config.num_train_steps = num_train_steps
   return config
 
@@ -176,7 +172,7 @@ def test_sigterm_to_one_process_saves_one_step_on_both_and_resumes(tmp_path):
   assert rcs == [preemption.EXIT_PREEMPTED] * 2, f"{rcs}\n" + out[0][-2000:] + out[1][-2000:]
   steps = set()
   for o in out:
-    line = [l for l in o.splitlines() if "Preempted at step" in l]
+    line = [x for x in o.splitlines() if "Preempted at step" in x]
     assert line, o[-2000:]
     steps.add(int(line[-1].split("Preempted at step ")[1].split(":")[0]))
   assert len(steps) == 1, f"the processes stopped at different steps: {steps}"

@@ -9,24 +9,16 @@ import optax
 import pytest
 
 import ovsw_jax as ow
-
-try:
-  import oracle
-except ImportError:  # tests/ made a package
-  from tests import oracle
-
-
-def hp(value):
-  """An oracle hyperparameter (stored as float32) as the Python float the release was given."""
-  return float(str(np.float32(value)))
+from helpers import load_oracle, release_float
+from ovsw_jax.naming import is_latent_kernel
 
 
 def release_chain(d, mask):
   return optax.chain(
-      ow.ovsw(hp(d["delta"]), hp(d["dampen_weight"]), hp(d["track_momentum"]),
-              hp(d["track_threshold"]), mask=mask),
-      optax.add_decayed_weights(hp(d["weight_decay"])),
-      optax.sgd(hp(d["lr"]), momentum=hp(d["momentum"])))
+      ow.ovsw(release_float(d["delta"]), release_float(d["dampen_weight"]),
+              release_float(d["track_momentum"]), release_float(d["track_threshold"]), mask=mask),
+      optax.add_decayed_weights(release_float(d["weight_decay"])),
+      optax.sgd(release_float(d["lr"]), momentum=release_float(d["momentum"])))
 
 
 def assert_weights_close(actual, expected, t):
@@ -38,7 +30,7 @@ def assert_weights_close(actual, expected, t):
 @pytest.mark.parametrize("case", [0, 1])
 @pytest.mark.parametrize("form", ["bare", "dict"])
 def test_free_run_reproduces_oracle(case, form):
-  d = oracle.load(f"ovsw_steps_public_{case}")
+  d = load_oracle(f"ovsw_steps_public_{case}")
   steps = d["w"].shape[0]
   # The oracle is self-consistent: w[t + 1] is w_next[t].
   np.testing.assert_array_equal(d["w"][1:], d["w_next"][:-1])
@@ -67,9 +59,9 @@ def test_free_run_reproduces_oracle(case, form):
 
 def test_chain_order_is_ags_then_sad():
   # Teacher-forced through ovsw() alone: the output is the oracle's g_sad.
-  d = oracle.load("ovsw_steps_public_1")
-  tx = ow.ovsw(hp(d["delta"]), hp(d["dampen_weight"]), hp(d["track_momentum"]),
-               hp(d["track_threshold"]), mask=None)
+  d = load_oracle("ovsw_steps_public_1")
+  tx = ow.ovsw(release_float(d["delta"]), release_float(d["dampen_weight"]),
+               release_float(d["track_momentum"]), release_float(d["track_threshold"]), mask=None)
   state = tx.init(jnp.asarray(d["w"][0]))
   for t in range(d["w"].shape[0]):
     u, state = tx.update(jnp.asarray(d["g_raw"][t]), state, jnp.asarray(d["w"][t]))
@@ -109,6 +101,38 @@ def test_binary_weight_mask():
     assert jax.tree.structure(mask) == jax.tree.structure(tree)
   # A bare array has no name: not a binary weight.
   assert ow.binary_weight_mask(jnp.ones((3, 3))) is False
+
+
+def test_binary_weight_mask_sees_through_nnx_variables():
+  # flax.nnx state: each array sits at the `.value` attribute of a Variable.
+  param = lambda name: (jax.tree_util.DictKey(name), jax.tree_util.GetAttrKey("value"))
+  assert is_latent_kernel(param("latent_kernel"))
+  assert not is_latent_kernel(param("kernel"))
+  # A dict key named "value" is a parameter name, not nnx's attribute.
+  assert not is_latent_kernel((jax.tree_util.DictKey("latent_kernel"),
+                               jax.tree_util.DictKey("value")))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("params", [
+    {"dense": {"kernel": np.ones((4, 3), np.float32), "bias": np.ones((3,), np.float32)}},
+    {"w": np.ones((3, 3, 2, 4), np.float32)},
+    {},
+], ids=["dense", "conv_not_binary", "empty"])
+def test_ovsw_passes_a_tree_without_binary_leaves_through(params, jit):
+  # Default mask, nothing binary in the tree: OvSW is the identity, as optax's
+  # masked transforms are on a tree they select nothing from.
+  params = jax.tree.map(jnp.asarray, params)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, -1e-3), params)
+  tx = ow.ovsw(delta=0.04, dampen_weight=9e-4)
+  state = tx.init(params)
+  update = jax.jit(tx.update) if jit else tx.update
+  for _ in range(3):
+    updates, state = update(grads, state, params)
+    assert jax.tree.structure(updates) == jax.tree.structure(grads)
+    for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(grads)):
+      np.testing.assert_array_equal(np.asarray(u), np.asarray(g))
+  assert jax.tree.leaves(optax.tree.get(state, "tracker")) == []
 
 
 def test_binary_weight_mask_on_flax_model_params():
@@ -288,8 +312,8 @@ def test_toy_training(name, base):
     before = np.asarray(params[layer]["latent_kernel"])
     after = np.asarray(new_params[layer]["latent_kernel"])
     assert not np.allclose(before, after)
-  flips = sum(np.mean(np.sign(params[l]["latent_kernel"]) != np.sign(new_params[l]["latent_kernel"]))
-              for l in ("b1", "b2"))
+  flips = sum(np.mean(np.sign(params[name]["latent_kernel"])
+                      != np.sign(new_params[name]["latent_kernel"])) for name in ("b1", "b2"))
   assert flips > 0
   fractions = jax.tree.leaves(optax.tree.get(state, "silent_fraction"))
   assert len(fractions) == 2 and all(0.0 <= float(f) <= 1.0 for f in fractions)

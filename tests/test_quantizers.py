@@ -1,4 +1,4 @@
-"""Binarizers and the channel scale, checked against numpy formulas (spec section 5)."""
+"""Binarizers and the channel scale, checked against numpy formulas (docs/method.md §5)."""
 
 import jax
 import jax.numpy as jnp

@@ -8,19 +8,11 @@ import pytest
 
 import ovsw_jax as ow
 
-try:
-  import oracle
-except ImportError:  # tests/ made a package
-  from tests import oracle
-
-
-def hp(value):
-  """An oracle hyperparameter (stored as float32) as the Python float the release was given."""
-  return float(str(np.float32(value)))
+from helpers import load_oracle, release_float
 
 
 class SadRef:
-  """Spec section 3 in numpy, with the release's float32 rounding of the tracker.
+  """SAD (paper Eqs. 8-9, docs/method.md §3) in numpy, with the release's float32 tracker.
 
   The release (torch, float32 tensors, Python-float m) multiplies by m rounded to
   float32 and by (1 - m) computed in double, then rounded to float32: one flip
@@ -70,9 +62,9 @@ def random_walk(steps=8, shape=(3, 3, 4, 6), seed=0, zeros=True):
 @pytest.mark.parametrize("case", [0, 1])
 @pytest.mark.parametrize("jit", [False, True])
 def test_teacher_forced_against_oracle(case, jit):
-  d = oracle.load(f"ovsw_steps_public_{case}")
-  tx = ow.add_sad_penalty(hp(d["dampen_weight"]), hp(d["track_momentum"]),
-                          hp(d["track_threshold"]))
+  d = load_oracle(f"ovsw_steps_public_{case}")
+  tx = ow.add_sad_penalty(release_float(d["dampen_weight"]), release_float(d["track_momentum"]),
+                          release_float(d["track_threshold"]))
   outs, states = run_steps(tx, list(d["g_ags"]), list(d["w"]), jit=jit)
   for t, (u, state) in enumerate(zip(outs, states)):
     expected = d["g_sad"][t]
@@ -94,12 +86,12 @@ def test_teacher_forced_against_oracle(case, jit):
 def test_numpy_reference_matches_oracle(case):
   # Guards the numpy model used by the other tests, and checks that case 1
   # holds both silent and non-silent weights.
-  d = oracle.load(f"ovsw_steps_public_{case}")
+  d = load_oracle(f"ovsw_steps_public_{case}")
   ref = SadRef(d["w"][0])
   silent_seen = []
   for t in range(d["w"].shape[0]):
-    out, silent = ref.step(d["g_ags"][t], d["w"][t], hp(d["dampen_weight"]),
-                           hp(d["track_momentum"]), hp(d["track_threshold"]))
+    out, silent = ref.step(d["g_ags"][t], d["w"][t], release_float(d["dampen_weight"]),
+                           release_float(d["track_momentum"]), release_float(d["track_threshold"]))
     np.testing.assert_allclose(out, d["g_sad"][t], rtol=1e-5, atol=1e-6 * np.abs(out).max())
     np.testing.assert_allclose(ref.s, d["tracker"][t], rtol=2e-6, atol=1e-12)
     silent_seen.append(silent.mean())
@@ -141,7 +133,8 @@ def test_random_walk_matches_numpy(m, sigma):
   for t in range(len(w)):
     expected, silent = ref.step(g[t], w[t], gamma, m, sigma)
     any_flip |= not silent.all()
-    np.testing.assert_allclose(np.asarray(outs[t]), expected, rtol=1e-6, atol=1e-8, err_msg=f"t={t}")
+    np.testing.assert_allclose(np.asarray(outs[t]), expected, rtol=1e-6, atol=1e-8,
+                               err_msg=f"t={t}")
     np.testing.assert_allclose(np.asarray(states[t].tracker), ref.s, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(float(states[t].silent_fraction), silent.mean(), rtol=1e-6)
   assert any_flip
@@ -199,7 +192,8 @@ def test_bf16():
   for t in range(3):
     assert outs[t].dtype == jnp.bfloat16
     assert states[t].tracker.dtype == jnp.float32
-    expected, _ = ref.step(np.asarray(gb[t], np.float32), np.asarray(wb[t], np.float32), 0.3, 0.9, 0.05)
+    expected, _ = ref.step(np.asarray(gb[t], np.float32), np.asarray(wb[t], np.float32),
+                           0.3, 0.9, 0.05)
     np.testing.assert_allclose(np.asarray(outs[t], np.float32), expected, rtol=2e-2, atol=1e-4)
     np.testing.assert_allclose(np.asarray(states[t].tracker), ref.s, rtol=1e-6)
   # bf16 gradients on float32 weights.
@@ -291,7 +285,8 @@ def test_mask_leaves_other_leaves_untouched():
   for t in range(3):
     np.testing.assert_allclose(np.asarray(outs[t]["b"]["latent_kernel"]),
                                ref.step(g[t], w[t], 0.3, 0.9, 0.05)[0], rtol=1e-6, atol=1e-8)
-    np.testing.assert_array_equal(np.asarray(outs[t]["bn"]["scale"]), np.full((6,), 0.01, np.float32))
+    np.testing.assert_array_equal(np.asarray(outs[t]["bn"]["scale"]),
+                                  np.full((6,), 0.01, np.float32))
   tracker = optax.tree.get(states[-1], "tracker")
   np.testing.assert_allclose(np.asarray(tracker["b"]["latent_kernel"]), ref.s, rtol=1e-6, atol=1e-9)
   assert not jax.tree.leaves(tracker["bn"])

@@ -1,4 +1,4 @@
-"""The learning-rate schedule against the release's per-epoch formula (spec section 7)."""
+"""The learning-rate schedule against the release's per-epoch formula (docs/method.md §7)."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from ovsw_jax.optim.factory import create_learning_rate_fn
+from ovsw_jax.train_optimizer import create_learning_rate_fn
 
 
 def release_lr(e, lr0, epochs, warmup):

@@ -4,25 +4,13 @@ Runs under 2 host CPU devices (tests/conftest.py), so the pmap path splits the
 batch and averages gradients and BatchNorm statistics across devices.
 """
 
-import importlib.util
-import pathlib
-
 import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from helpers import load_config
 from ovsw_jax import checkpointing, input_pipeline, train
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def load_config(name, arg="runlocal"):
-  path = ROOT / "configs" / f"{name}.py"
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def check_result(result, num_eval):
@@ -35,7 +23,7 @@ def check_result(result, num_eval):
 
 
 def test_cifar_config_on_mock_data(tmp_path):
-  config = load_config("cifar10_resnet20")
+  config = load_config("cifar10_resnet20", "runlocal")
   with tfds.testing.mock_data(num_examples=20):
     result = train.train_and_evaluate(config, str(tmp_path))
   check_result(result, 20)
@@ -43,7 +31,7 @@ def test_cifar_config_on_mock_data(tmp_path):
 
 
 def test_imagenet_config_on_mock_data(tmp_path):
-  config = load_config("imagenet_r18")
+  config = load_config("imagenet_r18", "runlocal")
   config.image_size = 32
   with tfds.testing.mock_data(num_examples=12):
     result = train.train_and_evaluate(config, str(tmp_path))

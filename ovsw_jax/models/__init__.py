@@ -1,4 +1,4 @@
-"""The paper's binary networks (spec section 6) and a registry by name.
+"""The paper's binary networks (docs/method.md §6) and a registry by name.
 
 Every model takes NHWC images, is called as `model.apply(variables, x,
 train=..., mutable=...)`, has `num_classes`, `dtype` (compute dtype; params

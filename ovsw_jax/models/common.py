@@ -1,4 +1,4 @@
-"""Pieces shared by the paper's models (spec section 6).
+"""Pieces shared by the paper's models (docs/method.md §6).
 
 Everything here reproduces a PyTorch behaviour of the authors' release exactly:
 hardtanh's gradient, BatchNorm's epsilon and momentum, torch-style explicit
@@ -19,7 +19,7 @@ from ovsw_jax.layers import BinaryConv
 
 Dtype = Any
 
-# Spec section 6: BatchNorm as in PyTorch, epsilon 1e-5 and running statistics
+# docs/method.md §6: BatchNorm as in PyTorch, epsilon 1e-5 and running statistics
 # updated with torch momentum 0.1 (Flax's `momentum` is the decay, so 0.9).
 # `use_fast_variance=False` computes the batch variance in two passes like
 # torch rather than as E[x^2] - E[x]^2, which loses precision when the mean is
@@ -29,11 +29,11 @@ Dtype = Any
 BatchNorm = functools.partial(
     nn.BatchNorm, momentum=0.9, epsilon=1e-5, use_fast_variance=False)
 
-# The ImageNet ResNets initialise every BatchNorm2d scale to 1e-8 (spec 6).
+# The ImageNet ResNets initialise every BatchNorm2d scale to 1e-8 (docs/method.md §6).
 tiny_scale_init = nn.initializers.constant(1e-8)
 
 # VGG-small's conv init, normal(0, sqrt(2 / (k * k * c_out))) for every conv,
-# binary or not (spec section 6): for an HWIO kernel Flax's fan_out is
+# binary or not (docs/method.md §6): for an HWIO kernel Flax's fan_out is
 # k * k * c_out.
 vgg_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -71,7 +71,7 @@ def conv_fp(features: int,
   """A full-precision square conv with torch padding (k // 2 per side).
 
   No bias by default, as torch's ResNets (`bias=False`). The kernel keeps
-  Flax's default init unless `kernel_init` is given (spec section 5).
+  Flax's default init unless `kernel_init` is given (docs/method.md §5).
   """
   kwargs = {} if kernel_init is None else {"kernel_init": kernel_init}
   return nn.Conv(features, (kernel_size, kernel_size), strides=strides,
@@ -85,7 +85,7 @@ def global_avg_pool(x: jax.Array) -> jax.Array:
 
 
 def avgpool_zeropad_shortcut(x: jax.Array, features: int, strides: int) -> jax.Array:
-  """ResNet-20's parameter-free shortcut ("option A", spec section 6).
+  """ResNet-20's parameter-free shortcut ("option A", docs/method.md §6).
 
   A `strides x strides` average pool (torch `AvgPool2d`, no padding, so odd
   sizes are floored), then zero channels padded equally on both sides up to

@@ -1,4 +1,4 @@
-"""The paper's CIFAR ResNets (spec section 6): ResNet-20 and ResNet-18.
+"""The paper's CIFAR ResNets (docs/method.md §6): ResNet-20 and ResNet-18.
 
 Both follow the authors' release (`model/models/resnet_cifar_v2.py` for
 ResNet-20, `model/models/resnet_cifar.py` for ResNet-18), with NHWC inputs.
@@ -40,7 +40,7 @@ def _stage_sizes(blocks: int | Sequence[int], num_stages: int) -> tuple[int, ...
 
 
 class BasicBlockCifar(nn.Module):
-  """ResNet-20's block: a shortcut around every binary conv (spec section 6).
+  """ResNet-20's block: a shortcut around every binary conv (docs/method.md §6).
 
     out = htanh(bn1(bconv1(x)) + sc(x))
     out = htanh(bn2(bconv2(out)) + out)
@@ -69,7 +69,7 @@ class BasicBlockCifar(nn.Module):
 
 
 class ResNetCifar(nn.Module):
-  """The ResNet-20 family for 32x32 inputs (spec section 6).
+  """The ResNet-20 family for 32x32 inputs (docs/method.md §6).
 
   Full-precision 3x3 stem (`widths[0]` channels) + BN + hardtanh; one stage
   of `BasicBlockCifar` per entry of `widths` (stride 2 at the start of every
@@ -108,7 +108,7 @@ class ResNetCifar(nn.Module):
 
 
 class BasicBlockCifar18(nn.Module):
-  """CIFAR ResNet-18's block: one shortcut around both convs (spec section 6).
+  """CIFAR ResNet-18's block: one shortcut around both convs (docs/method.md §6).
 
     out = htanh(bn1(bconv1(x)))
     out = htanh(bn2(bconv2(out)) + sc(x))
@@ -140,7 +140,7 @@ class BasicBlockCifar18(nn.Module):
 
 
 class ResNetCifar18(nn.Module):
-  """The release's CIFAR ResNet-18 family ("cResNet", spec section 6).
+  """The release's CIFAR ResNet-18 family ("cResNet", docs/method.md §6).
 
   Full-precision 3x3 stem (`widths[0]` channels) + BN, no activation; stages
   of `BasicBlockCifar18`; global average pool, BatchNorm and a 1x1 conv WITH

@@ -1,4 +1,4 @@
-"""The paper's ImageNet ResNet-18 and ResNet-34 (spec section 6).
+"""The paper's ImageNet ResNet-18 and ResNet-34 (docs/method.md §6).
 
 After the release's `model/models/resnet_imagenet.py`, NHWC:
 

@@ -1,4 +1,4 @@
-"""VGG-small for CIFAR (spec section 6), after the release's `model/models/vgg.py`.
+"""VGG-small for CIFAR (docs/method.md §6), after the release's `model/models/vgg.py`.
 
     conv0 (full precision) 3->128, bn0, htanh
     bconv1 128->128, maxpool, bn1, htanh

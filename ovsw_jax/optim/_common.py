@@ -47,5 +47,17 @@ def no_params_error(name: str) -> ValueError:
 
 
 def tree_unzip(like, tree, n: int):
-  """Splits a tree of n-tuples (structured as `like`) into n trees."""
-  return jax.tree.transpose(jax.tree.structure(like), jax.tree.structure((0,) * n), tree)
+  """Splits a tree of n-tuples (structured as `like`) into n trees.
+
+  A `like` without leaves (no parameter selected by the mask) gives n copies
+  of its empty structure, as `jax.tree.transpose` cannot.
+
+  >>> tree_unzip({'a': 0, 'b': 0}, {'a': (1, 2), 'b': (3, 4)}, 2)
+  ({'a': 1, 'b': 3}, {'a': 2, 'b': 4})
+  >>> tree_unzip({'a': None}, {'a': None}, 2)
+  ({'a': None}, {'a': None})
+  """
+  outer = jax.tree.structure(like)
+  if outer.num_leaves == 0:
+    return (jax.tree.unflatten(outer, []),) * n
+  return jax.tree.transpose(outer, jax.tree.structure((0,) * n), tree)

@@ -1,4 +1,4 @@
-"""Adaptive Gradient Scaling (AGS), OvSW's first transform (spec section 2)."""
+"""Adaptive Gradient Scaling (AGS), OvSW's first transform (paper Eq. 6; docs/method.md §2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The OvSW chain and the mask that picks the weights it acts on (spec section 4)."""
+"""The OvSW chain and the mask that picks the weights it acts on (docs/method.md §4)."""
 
 from __future__ import annotations
 
@@ -7,29 +7,27 @@ from typing import Any, Callable
 import jax
 import optax
 
-from ovsw_jax.layers import LATENT_KERNEL
+from ovsw_jax.naming import is_latent_kernel
 from ovsw_jax.optim.ags import scale_by_ags
 from ovsw_jax.optim.sad import add_sad_penalty
-
-
-def key_name(entry) -> str:
-  """The plain name of one pytree path entry (dict key, attribute or index)."""
-  for attr in ("key", "name", "idx"):
-    if hasattr(entry, attr):
-      return str(getattr(entry, attr))
-  return str(entry)
 
 
 def binary_weight_mask(params: Any) -> Any:
   """A pytree of bools: True exactly on the latent kernels of binary layers.
 
-  Binary layers (`BinaryConv`) name their latent weight `latent_kernel`; every
-  other parameter (the full-precision stem, shortcut convs, classifier,
-  BatchNorm, biases) is False. Works on params, gradients, or any tree of the
-  same structure, frozen or not.
+  Binary layers (`BinaryConv`, linen or nnx) name their latent weight
+  `latent_kernel`; every other parameter (the full-precision stem, shortcut
+  convs, classifier, BatchNorm, biases) is False. Works on params, gradients,
+  or any tree of the same structure, frozen or not, and on `flax.nnx` state,
+  whose paths end in the Variable's `.value`.
+
+  Example:
+    >>> import jax.numpy as jnp, ovsw_jax as ow
+    >>> ow.binary_weight_mask({'conv': {'latent_kernel': jnp.ones((3, 3, 2, 4))},
+    ...                        'head': {'kernel': jnp.ones((4, 10)), 'bias': jnp.ones(10)}})
+    {'conv': {'latent_kernel': True}, 'head': {'bias': False, 'kernel': False}}
   """
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: bool(path) and key_name(path[-1]) == LATENT_KERNEL, params)
+  return jax.tree_util.tree_map_with_path(lambda path, _: is_latent_kernel(path), params)
 
 
 def ovsw(

@@ -1,4 +1,4 @@
-"""Silence Awareness Decaying (SAD), OvSW's second transform (spec section 3)."""
+"""Silence Awareness Decaying (SAD), OvSW's second transform (paper Eqs. 8-9; docs/method.md §3)."""
 
 from __future__ import annotations
 

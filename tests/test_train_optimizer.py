@@ -1,4 +1,4 @@
-"""The optimizer built from a config: what each part acts on (spec section 4)."""
+"""The optimizer built from a config: what each part acts on (docs/method.md §4)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,7 @@ import pytest
 from configs import common
 from ovsw_jax import models
 from ovsw_jax.optim import binary_weight_mask
-from ovsw_jax.optim.factory import create_optimizer
+from ovsw_jax.train_optimizer import create_optimizer
 
 
 def params_and_grads():

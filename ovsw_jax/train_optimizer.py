@@ -1,4 +1,8 @@
-"""Builds the learning-rate schedule and the optimizer chain from a config (spec sections 4, 7)."""
+"""The trainer's optimizer from a config: schedule and chain (docs/method.md §4, §7).
+
+The glue between `ml_collections` configs and the Optax transforms of
+`ovsw_jax.optim`, which stay free of config and layer libraries.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,12 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ovsw_jax.optim.ags import scale_by_ags
-from ovsw_jax.optim.chain import binary_weight_mask
-from ovsw_jax.optim.sad import add_sad_penalty
+from ovsw_jax.optim import add_sad_penalty, binary_weight_mask, scale_by_ags
 
 
 def create_learning_rate_fn(config: ml_collections.ConfigDict,
                             steps_per_epoch: int) -> optax.Schedule:
-  """The release's schedule: linear warm-up, then cosine (spec section 7).
+  """The release's schedule: linear warm-up, then cosine (docs/method.md §7).
 
   `config.lr_schedule`:
     - 'epoch_cosine' (the release): the rate changes once per epoch `e`:
@@ -51,7 +53,7 @@ def _weight_decay_mask(params, exclude_1d: bool):
 
 def create_optimizer(config: ml_collections.ConfigDict,
                      learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
-  """loss gradient -> AGS -> SAD -> weight decay -> base optimizer (spec section 4).
+  """loss gradient -> AGS -> SAD -> weight decay -> base optimizer (docs/method.md §4).
 
   AGS and SAD act on the latent kernels of binary layers only
   (`binary_weight_mask`); each can be switched off (`config.ovsw.ags`,

@@ -1,0 +1,80 @@
+"""Helpers shared by the test modules (importable as `helpers`: see pyproject's pytest pythonpath).
+
+- `load_oracle`: the reference vectors of the authors' PyTorch release, committed
+  under `tests/data/oracle` (their README there says how they were made).
+- `assert_close`: float32 agreement with a reference array.
+- `release_float`: an oracle hyperparameter as the Python float the release was given.
+- `load_config`: a config file of `configs/` by name or path, with its `:arg`.
+- `module_command`: a `python -m MODULE` subprocess with this checkout importable.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "configs"
+ORACLE_DIR = pathlib.Path(__file__).resolve().parent / "data" / "oracle"
+
+
+def load_oracle(name: str) -> dict[str, np.ndarray]:
+  """The arrays of `ORACLE_DIR / name` (".npz" optional) as a dict of numpy arrays.
+
+  A missing file raises FileNotFoundError: the comparison with the release is
+  the evidence, so its absence fails the test instead of skipping it.
+  """
+  path = ORACLE_DIR / (name if name.endswith(".npz") else name + ".npz")
+  if not path.is_file():
+    raise FileNotFoundError(f"oracle vector file {path} is missing from the checkout")
+  with np.load(path) as data:
+    return {k: np.asarray(data[k]) for k in data.files}
+
+
+def assert_close(actual, expected, rtol=1e-5, atol=1e-4, rel_to_max=2e-6):
+  """Elementwise float32 tolerance, plus a bound relative to the largest magnitude."""
+  actual = np.asarray(actual, np.float64)
+  expected = np.asarray(expected, np.float64)
+  assert actual.shape == expected.shape
+  np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol)
+  scale = max(np.abs(expected).max(), 1.0)
+  assert np.abs(actual - expected).max() <= rel_to_max * scale
+
+
+def release_float(value) -> float:
+  """An oracle hyperparameter (stored as float32) as the Python float the release was given.
+
+  The release passed Python floats such as 0.999; the file holds float32(0.999).
+  Printing the float32 with its shortest repr gives back the original literal.
+  """
+  return float(str(np.float32(value)))
+
+
+def load_config(name_or_path: str | os.PathLike, arg: str | None = None):
+  """`get_config(arg)` of a config file, given its stem (`"default"`) or its path."""
+  path = pathlib.Path(name_or_path)
+  if path.suffix != ".py":
+    path = CONFIG_DIR / f"{name_or_path}.py"
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def module_command(module: str, args, *, cwd=ROOT, devices: int = 1,
+                   pythonpath: str | os.PathLike | None = ROOT, **kwargs) -> subprocess.Popen:
+  """Starts `python -m module *args` with stdout and stderr merged into one text pipe.
+
+  `pythonpath` (the checkout by default) is what the child imports `ovsw_jax`
+  and `configs` from; `devices` host CPU devices are simulated.
+  """
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  if pythonpath is not None:
+    env["PYTHONPATH"] = str(pythonpath)
+  return subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
