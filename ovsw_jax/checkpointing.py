@@ -9,17 +9,78 @@ single-device arrays). On disk it is a fully replicated global array per leaf
 (`multihost.to_global`): the form orbax saves once and restores on every
 process of a multi-process run, and one that does not depend on how many
 processes or devices wrote it, so a run may resume on another layout.
+
+What can go wrong in a checkpoint folder, and what happens:
+
+* A foreign entry (an empty `99/`, a step folder whose item was removed, a
+  user's file): only complete checkpoints count as steps (`_CompleteSteps`);
+  the rest is left alone and named once in the log.
+* A damaged checkpoint (unreadable, or its content no longer matching the
+  SHA-256 digest of the state recorded at save time): moved aside to
+  `<step>.damaged` (named in the log), and the one before it is restored; the
+  run then saves that step again.
+* A checkpoint of another model or optimizer (its arrays' shapes differ from
+  the target's): `CheckpointMismatchError`, never a silent restart.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-from typing import Any
+from typing import Any, Iterator
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
 from ovsw_jax import multihost
+
+DIGEST_KEY = "ovsw_state_sha256"
+_ITEM = "default"  # orbax's item folder for a single-item manager
+
+
+class CheckpointMismatchError(RuntimeError):
+  """The workdir's checkpoint holds a state of another shape than this config builds."""
+
+
+class CheckpointSaveError(OSError):
+  """Writing a checkpoint failed (a full disk, a lost mount); the message says what."""
+
+
+def is_complete(step_dir: epath.Path) -> bool:
+  """True for a committed orbax checkpoint folder (its metadata and its item's)."""
+  return ((step_dir / "_CHECKPOINT_METADATA").exists()
+          and (step_dir / _ITEM / "_METADATA").exists())
+
+
+class _CompleteSteps(ocp.step.NameFormat):
+  """Orbax's standard step names, but `find_all` yields complete checkpoints only.
+
+  Orbax takes every numbered folder for a step; one stray folder then broke
+  every restore ("Must provide args of type Composite") and the first save.
+  """
+
+  def __init__(self):
+    self._standard = ocp.step.standard_name_format()
+    self._reported: set[str] = set()
+
+  def build_name(self, step: int) -> str:
+    return self._standard.build_name(step)
+
+  def find_step(self, base_path, step: int):
+    return self._standard.find_step(base_path, step)
+
+  def find_all(self, base_path) -> Iterator[Any]:
+    for metadata in self._standard.find_all(base_path):
+      if is_complete(epath.Path(metadata.path)):
+        yield metadata
+      elif str(metadata.path) not in self._reported:
+        self._reported.add(str(metadata.path))
+        logging.warning("Ignoring %s: not a complete checkpoint (left as it is).",
+                        metadata.path)
 
 
 def create_manager(directory: str, *, max_to_keep: int = 3) -> ocp.CheckpointManager:
@@ -28,39 +89,140 @@ def create_manager(directory: str, *, max_to_keep: int = 3) -> ocp.CheckpointMan
   A relative local path is made absolute (orbax requires it); URLs such as
   `gs://...` are kept as they are.
   """
+  if not isinstance(max_to_keep, int) or max_to_keep < 1:
+    raise ValueError(f"keep_checkpoints={max_to_keep!r} would keep no checkpoint to resume "
+                     "from: set --config.keep_checkpoints to 1 or more.")
   if "://" not in directory:
     directory = os.path.abspath(directory)
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-  return ocp.CheckpointManager(directory, options=options)
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                         step_name_format=_CompleteSteps())
+  return ocp.CheckpointManager(directory, options=options,
+                               item_handlers=ocp.StandardCheckpointHandler())
+
+
+def state_digest(state: Any) -> str:
+  """SHA-256 over every leaf's path, dtype, shape and bytes (host arrays)."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    leaf = np.ascontiguousarray(np.asarray(leaf))
+    h.update(f"{jax.tree_util.keystr(path)}|{leaf.dtype.str}|{leaf.shape}|".encode())
+    h.update(leaf.tobytes())
+  return h.hexdigest()
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, *, force: bool = False) -> bool:
   """Saves the host-local `state` under `step` (asynchronously; `wait` before exiting).
 
-  Every process of a run calls it with the same state.
+  Every process of a run calls it with the same state. The state's digest is
+  stored in the checkpoint's metadata and checked on restore.
   """
-  return manager.save(step, args=ocp.args.StandardSave(multihost.to_global(state)),
-                      force=force)
+  digest = state_digest(state)
+  try:
+    return manager.save(step, args=ocp.args.StandardSave(multihost.to_global(state)),
+                        force=force, custom_metadata={DIGEST_KEY: digest})
+  except Exception as e:  # pylint: disable=broad-except
+    raise _save_error(manager, e, step) from e
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+  """Waits for the pending asynchronous save; its failure is a `CheckpointSaveError`."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    raise _save_error(manager, e) from e
+
+
+def _save_error(manager: ocp.CheckpointManager, error: Exception,
+                step: int | None = None) -> CheckpointSaveError:
+  steps = [s for s in manager.all_steps() if s != step]
+  last = (f"the last complete checkpoint is step {max(steps)}" if steps
+          else "there is no complete checkpoint yet")
+  what = f"step {step}" if step is not None else "the last checkpoint"
+  return CheckpointSaveError(
+      f"Saving {what} to {manager.directory} failed ({_first_line(error)}); {last}. "
+      "Free disk space (or fix the storage) and start the same command again: it resumes "
+      "from there.")
+
+
+def _shapes(tree: Any) -> list[tuple[tuple[int, ...], str]]:
+  """Sorted (shape, dtype) of every leaf: arrays, ShapeDtypeStructs or orbax metadata."""
+  return sorted((tuple(x.shape), np.dtype(x.dtype).str) for x in jax.tree.leaves(tree))
+
+
+def _check_structure(manager: ocp.CheckpointManager, step: int, target: Any) -> None:
+  """Raises `CheckpointMismatchError` if `step`'s arrays are not the target's.
+
+  Compares the multiset of (shape, dtype) read from orbax's metadata (no array
+  data is read). Unreadable metadata is left to the restore (damage).
+  """
+  try:
+    saved_shapes = _shapes(manager.item_metadata(step))
+  except Exception:  # pylint: disable=broad-except
+    return
+  wanted = _shapes(target)
+  if saved_shapes != wanted:
+    raise CheckpointMismatchError(
+        f"The checkpoint at step {step} in {manager.directory} holds another state than this "
+        f"config builds ({len(saved_shapes)} arrays saved, {len(wanted)} expected, or other "
+        "shapes): a different model, optimizer or OvSW setting. Use a new --workdir for this "
+        "config, or start with the config the workdir was trained with (its config.json).")
 
 
 def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> Any:
-  """Restores checkpoint `step` into the structure of `target` (numpy leaves)."""
+  """Restores checkpoint `step` into the structure of `target` (numpy leaves).
+
+  Raises ValueError if the restored content does not match the digest saved
+  with it (a corrupted file that still parses).
+  """
   abstract = multihost.abstract_global(target)
-  return multihost.to_local(manager.restore(step, args=ocp.args.StandardRestore(abstract)))
+  state = multihost.to_local(manager.restore(step, args=ocp.args.StandardRestore(abstract)))
+  expected = (manager.metadata(step).custom_metadata or {}).get(DIGEST_KEY)
+  if expected is not None and state_digest(state) != expected:
+    raise ValueError(f"checkpoint {step}'s content does not match its SHA-256 digest")
+  return state
+
+
+def _first_line(error: Exception, limit: int = 300) -> str:
+  text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  return f"{type(error).__name__}: {text[:limit]}"
+
+
+def _move_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+  """Process 0 renames damaged step folders to `<step>.damaged[.N]`; all then reload."""
+  if steps and jax.process_index() == 0:
+    for step in steps:
+      source = epath.Path(manager.directory) / str(step)
+      target, n = source.parent / f"{step}.damaged", 1
+      while target.exists():
+        target, n = source.parent / f"{step}.damaged.{n}", n + 1
+      source.rename(target)
+      logging.warning("Moved the damaged checkpoint %s aside to %s; its step will be "
+                      "trained and saved again.", source, target)
+  if steps:
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("ovsw_jax:damaged-checkpoints-moved")
+    manager.reload()
 
 
 def restore_latest(manager: ocp.CheckpointManager, target: Any) -> Any | None:
-  """Restores the newest readable checkpoint into the structure of `target`.
+  """Restores the newest intact checkpoint into the structure of `target`.
 
   `target` may be a concrete state or its `jax.eval_shape`; the result has
   numpy leaves in `target`'s tree structure. Returns None when the directory
-  holds no checkpoint. A checkpoint that fails to restore (say, a damaged one)
-  is logged and skipped in favour of the one before it.
+  holds no checkpoint. A damaged checkpoint is moved aside (one log line) in
+  favour of the one before it; one of another state structure raises
+  `CheckpointMismatchError`.
   """
-  for step in sorted(manager.all_steps(), reverse=True):
-    try:
-      return restore(manager, step, target)
-    except Exception as e:  # pylint: disable=broad-except
-      logging.warning("Checkpoint at step %d could not be restored (%s); "
-                      "trying an older one.", step, e)
-  return None
+  damaged = []
+  try:
+    for step in sorted(manager.all_steps(), reverse=True):
+      _check_structure(manager, step, target)
+      try:
+        return restore(manager, step, target)
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("Checkpoint at step %d is damaged (%s); trying an older one.",
+                        step, _first_line(e))
+        damaged.append(step)
+    return None
+  finally:
+    _move_aside(manager, damaged)

@@ -14,7 +14,9 @@ Each process of a multi-process run trains in a child of a thin supervising
 parent (`supervisor`), which turns a peer's death into a clear message.
 
 Exit status: 0 finished; 75 (`preemption.EXIT_PREEMPTED`) stopped on SIGTERM
-after checkpointing (start the same command again to resume); 1 an error.
+after checkpointing (start the same command again to resume); 1 an error
+(configuration, data, workdir and checkpoint errors print their message alone;
+`--verbose` adds the traceback); 2 a command-line usage error.
 """
 
 from __future__ import annotations
@@ -63,16 +65,32 @@ flags.DEFINE_string("local_device_ids", None,
 flags.DEFINE_integer("heartbeat_timeout_s", 60,
                      "Seconds without a peer's heartbeat after which the other processes "
                      "stop with an error (a dead host).")
+flags.DEFINE_bool("allow_config_change", False,
+                  "Continue the workdir's run although the config changed in a field that "
+                  "alters the run (see ovsw_jax/workdir.py).")
+flags.DEFINE_bool("verbose", False, "Print tracebacks of errors (normally the message only).")
 flags.mark_flags_as_required(["workdir"])
 
 
-def _quiet_orbax_info() -> None:
-  """Drops orbax's per-save INFO lines (dozens per checkpoint); its warnings stay."""
+def _quiet_orbax() -> None:
+  """Keeps orbax's log to what a user reads: no per-save INFO, one line per problem.
+
+  Orbax logs dozens of INFO lines per checkpoint, and its background threads
+  log every failure with a traceback (thousands of lines for a full disk); the
+  trainer reports such failures itself, in one paragraph.
+  """
   import logging as std_logging  # pylint: disable=g-import-not-at-top
 
   class _Filter(std_logging.Filter):
     def filter(self, record):
-      return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+      if "/orbax/" not in record.pathname:
+        return True
+      if record.levelno < std_logging.WARNING:
+        return False
+      if record.exc_info and not FLAGS.verbose:
+        record.exc_info, record.exc_text = None, None
+        record.msg, record.args = str(record.getMessage()).splitlines()[0][:300], ()
+      return True
 
   logging.get_absl_handler().addFilter(_Filter())
 
@@ -87,6 +105,14 @@ def _start_processes(config) -> None:
   multihost.log_layout()
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+  """Errors whose message says what is wrong and what to do: printed without traceback."""
+  from ovsw_jax import checkpointing, input_pipeline, train, workdir  # pylint: disable=g-import-not-at-top
+  return (input_pipeline.DatasetNotPreparedError, ValueError, train.NonFiniteLossError,
+          workdir.WorkdirLockedError, checkpointing.CheckpointMismatchError,
+          checkpointing.CheckpointSaveError)
+
+
 def _multi_process_requested() -> bool:
   return bool(FLAGS.config.distributed_init) or (FLAGS.num_processes or 1) > 1
 
@@ -99,18 +125,21 @@ def main(argv):
     sys.exit(supervisor.run_child(sys.argv[1:], process_id=FLAGS.process_id,
                                   workdir=FLAGS.workdir))
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  _quiet_orbax_info()
+  _quiet_orbax()
   # Imported here so `--help` stays fast and TF never grabs an accelerator.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
-  from ovsw_jax import input_pipeline, preemption, train  # pylint: disable=g-import-not-at-top
+  from ovsw_jax import preemption, train  # pylint: disable=g-import-not-at-top
   try:
     _start_processes(FLAGS.config)
-    result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir,
+                                      allow_config_change=FLAGS.allow_config_change)
   except preemption.Preempted as e:
     logging.warning("%s", e)
     sys.exit(preemption.EXIT_PREEMPTED)
-  except (input_pipeline.DatasetNotPreparedError, ValueError) as e:
+  except _user_errors() as e:
+    if FLAGS.verbose:
+      raise
     sys.exit(f"error: {e}")
   if result:
     logging.info("Final: %s", {k: v for k, v in result.items() if "/" not in k})

@@ -12,8 +12,6 @@ This module holds what the trainer needs for that and nothing else:
   and every process restores (orbax rejects host-local arrays when
   `process_count > 1`). The replicated layout also means a checkpoint does not
   depend on the number of processes or devices it was written with.
-* `agree`: one boolean decided by all processes together (the OR of their
-  votes), so a signal that reached one host stops every host at the same step.
 """
 
 from __future__ import annotations
@@ -24,7 +22,6 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 LOOPBACK_HOSTS = ("localhost",)
@@ -140,14 +137,6 @@ def abstract_global(tree: Any, mesh: Mesh | None = None) -> Any:
 def to_local(tree: Any) -> Any:
   """Replicated global arrays -> one host-local copy each (numpy), for the train loop."""
   return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
-
-
-def agree(vote: bool) -> bool:
-  """True on every process if any process votes True (a collective: all must call it)."""
-  if jax.process_count() == 1:
-    return bool(vote)
-  votes = multihost_utils.process_allgather(np.asarray(bool(vote)))
-  return bool(np.any(votes))
 
 
 def log_layout() -> None:

@@ -7,6 +7,7 @@ resumes automatically from the newest checkpoint in `workdir`.
 """
 
 
+import contextlib
 import functools
 import logging
 import math
@@ -20,9 +21,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from clu import metric_writers, metrics as clu_metrics, parameter_overview, periodic_actions
 
 from ovsw_jax import checkpointing, input_pipeline, metrics, models, preemption
+from ovsw_jax import workdir as workdir_lib
 from ovsw_jax.optim import binary_weight_mask
 from ovsw_jax.train_optimizer import create_learning_rate_fn, create_optimizer
 
@@ -295,23 +298,55 @@ def _first(x):
   return np.asarray(x)[0]
 
 
+@contextlib.contextmanager
+def _run_lock(workdir: str):
+  """The workdir lock, taken by process 0; every process learns whether it got it."""
+  with contextlib.ExitStack() as stack:
+    error = None
+    try:
+      stack.enter_context(workdir_lib.lock(workdir, take=jax.process_index() == 0))
+    except workdir_lib.WorkdirLockedError as e:
+      error = e
+    if jax.process_count() > 1:
+      got = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+      if not got and error is None:
+        error = workdir_lib.WorkdirLockedError(
+            f"Process 0 found {workdir} in use by another run (its log says by whom).")
+    if error is not None:
+      raise error
+    yield
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       donate: bool = True) -> dict[str, float]:
+                       donate: bool = True, allow_config_change: bool = False
+                       ) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns final metrics.
 
   Every process of a multi-process run calls this with the same arguments.
   Raises `preemption.Preempted` after checkpointing when asked to stop
-  (SIGTERM to any process), `NonFiniteStateError` instead of saving a
-  diverged state. `donate` lets each step reuse the previous state's device
-  memory (what an accelerator needs for large models).
+  (SIGTERM to any process); `NonFiniteLossError` instead of saving a
+  diverged state; `workdir.WorkdirLockedError` when another run trains in
+  `workdir`; `workdir.ConfigMismatchError` when `config` would change what the
+  workdir's checkpoints mean (unless `allow_config_change`);
+  `checkpointing.CheckpointMismatchError` for a checkpoint of another state.
+  `donate` lets each step reuse the previous state's device memory (what an
+  accelerator needs for large models).
   """
-  n_local = jax.local_device_count()
   _check_config(config, jax.device_count() // jax.process_count())
+  with _run_lock(workdir):
+    return _train(config, workdir, donate=donate, allow_config_change=allow_config_change)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, *, donate: bool,
+           allow_config_change: bool) -> dict[str, float]:
+  n_local = jax.local_device_count()
   run = setup(config)
   num_steps = _num_steps(config, run.steps_per_epoch)
 
   manager = checkpointing.create_manager(f"{workdir}/checkpoints",
                                          max_to_keep=config.keep_checkpoints)
+  workdir_lib.check_config(workdir, config, has_checkpoint=bool(manager.all_steps()),
+                           allow_change=allow_config_change, write=jax.process_index() == 0)
   state = checkpointing.restore_latest(manager, run.initial_state)
   if state is not None:
     logging.info("Resumed from step %d.", int(state.step))
@@ -399,14 +434,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         _check_loss(*previous)
         save(done, force=stop)
       if stop:
-        manager.wait_until_finished()
+        checkpointing.wait(manager)
         writer.flush()
         raise preemption.Preempted(done)
   if start_step >= num_steps:  # already trained: report the final state again
     logging.info("The workdir's checkpoint is at step %d of %d: evaluating only.",
                  start_step, num_steps)
     final = evaluate_now()
-  manager.wait_until_finished()
+  checkpointing.wait(manager)
   writer.flush()
   return final
 

@@ -134,11 +134,25 @@ def test_two_processes_checkpoint_resume_and_equal_one_process(tmp_path):
   assert_states_close(state_at(relayout, 8), state_at(one, 8))
 
 
-def test_two_processes_of_one_device_are_bitwise_one_process_of_two(tmp_path):
-  # Two addends sum the same in any order: this layout change is exact.
-  args = RUNLOCAL + ["--config.num_train_steps=4"]
-  run_pair(tmp_path / "two", args, tmp_path / "logs", devices=1)
-  run_single(tmp_path / "one", args, tmp_path / "one.log", devices=2)
+def test_hand_started_launch_script_two_processes_of_one_device_equal_one_of_two(tmp_path):
+  # launch/gpu_multinode.sh's recipe without SLURM, one process per "node".
+  port = free_port()
+  logs = tmp_path / "logs"
+  logs.mkdir()
+  args = ["--config.num_train_steps=4"]
+  procs = []
+  for i in range(2):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               PYTHONPATH=str(ROOT), PYTHON=sys.executable, COORDINATOR=f"127.0.0.1:{port}",
+               NUM_PROCESSES="2", PROCESS_ID=str(i))
+    procs.append(subprocess.Popen(
+        ["timeout", "-k", "60", str(LIMIT_S), "bash", str(ROOT / "launch/gpu_multinode.sh"),
+         f"{ROOT}/configs/default.py:runlocal", str(tmp_path / "two"), *args],
+        env=env, cwd=ROOT, stdout=open(logs / f"p{i}.log", "w"), stderr=subprocess.STDOUT))
+  rcs = [p.wait(timeout=LIMIT_S + 90) for p in procs]
+  assert rcs == [0, 0], "\n".join(o[-3000:] for o in outputs(logs))
+  run_single(tmp_path / "one", RUNLOCAL + args, tmp_path / "one.log", devices=2)
+  # Two addends sum the same in any order: this change of layout is bitwise exact.
   a, b = state_at(tmp_path / "two", 4), state_at(tmp_path / "one", 4)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
