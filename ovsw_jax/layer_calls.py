@@ -63,7 +63,12 @@ def module_path(module: nn.Module) -> str:
 
 
 def trace(model: nn.Module, image_shape: Sequence[int]) -> list[LayerCall]:
-  """Every leaf layer call of `model` on one `image_shape` image, in order.
+  """Every leaf layer call of `model` on one `image_shape` image, in order."""
+  return trace_with_params(model, image_shape)[0]
+
+
+def trace_with_params(model: nn.Module, image_shape: Sequence[int]) -> tuple[list[LayerCall], Any]:
+  """`trace`'s layer calls and the model's params as `jax.ShapeDtypeStruct`s.
 
   Runs `model.init` under `jax.eval_shape` with `train=False`, so it costs no
   compute and no memory for the weights.
@@ -82,5 +87,5 @@ def trace(model: nn.Module, image_shape: Sequence[int]) -> list[LayerCall]:
 
   x = jnp.zeros((1,) + tuple(int(d) for d in image_shape), jnp.float32)
   with nn.intercept_methods(record):
-    jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
-  return calls
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+  return calls, variables["params"]

@@ -170,15 +170,14 @@ def format_totals(summary: Summary) -> str:
   """A markdown table of the totals, the binary network next to its float32 twin."""
   s = summary
   return "\n".join([
-      "| | binary network | float32 network |",
-      "|---|---:|---:|",
-      f"| parameters | {s.params:,} ({s.binary_params:,} binary) | {s.params:,} |",
-      f"| memory | {s.deployed_bytes / 1e6:.2f} MB | {s.float32_bytes / 1e6:.2f} MB |",
-      f"| BOPs (binary MACs) | {s.bops / 1e9:.3f} G | 0 |",
-      f"| FLOPs (float MACs) | {s.flops / 1e9:.3f} G | {s.float_model_flops / 1e9:.3f} G |",
-      f"| OPs = BOPs/64 + FLOPs | {s.ops / 1e9:.3f} G | {s.float_model_flops / 1e9:.3f} G |",
-      f"| memory ratio / OPs ratio | {s.compression:.1f}x smaller | "
-      f"{s.float_model_flops / s.ops:.1f}x more OPs |",
+      "| | binary network | float32 network | float / binary |",
+      "|---|---:|---:|---:|",
+      f"| parameters | {s.params:,} ({s.binary_params:,} binary) | {s.params:,} | |",
+      f"| memory | {_si(s.deployed_bytes)}B | {_si(s.float32_bytes)}B | {s.compression:.1f}x |",
+      f"| BOPs (binary MACs) | {_si(s.bops)} | 0 | |",
+      f"| FLOPs (float MACs) | {_si(s.flops)} | {_si(s.float_model_flops)} | |",
+      f"| OPs = BOPs/64 + FLOPs | {_si(s.ops)} | {_si(s.float_model_flops)} | "
+      f"{s.float_model_flops / s.ops:.1f}x |",
   ])
 
 

@@ -162,7 +162,12 @@ def predictor(net: ExportedNetwork, backend: str = "int8"):
   return lambda images: fn(arrays, jnp.asarray(images, jnp.float32))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _simulate(model, variables, images):
+  return model.apply(variables, images, train=False)
+
+
 def simulate(model: nn.Module, params, batch_stats, images) -> jax.Array:
-  """The float simulation the export must match: the trained model, train=False."""
-  return model.apply({"params": params, "batch_stats": batch_stats},
-                     jnp.asarray(images, jnp.float32), train=False)
+  """The float simulation the export must match: the trained model, train=False (jitted)."""
+  return _simulate(model, {"params": params, "batch_stats": batch_stats},
+                   jnp.asarray(images, jnp.float32))

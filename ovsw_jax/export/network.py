@@ -9,13 +9,12 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ovsw_jax import models
 from ovsw_jax.export import build
 from ovsw_jax.export.format import ExportError, check_array, decode, encode
-from ovsw_jax.layer_calls import LayerCall, trace
+from ovsw_jax.layer_calls import LayerCall, trace_with_params
 
 
 @dataclasses.dataclass
@@ -78,19 +77,12 @@ def export_network(model_name: str, num_classes: int, params: Mapping[str, Any],
             "image_shape": [int(d) for d in image_shape],
             "model_kwargs": _plain(dict(model_kwargs or {})),
             "config": _plain(dict(config or {}))}
-  model = create_model(header)
-  calls = trace(model, header["image_shape"])
+  traced = trace_with_params(create_model(header), header["image_shape"])
   params = jax.device_get(params)
   batch_stats = jax.device_get(batch_stats)
-  net = ExportedNetwork(header, build.build_payload(calls, params, batch_stats))
-  validate(net)
+  net = ExportedNetwork(header, build.build_payload(traced[0], params, batch_stats))
+  validate(net, traced)
   return net
-
-
-def _expected_params(model: nn.Module, image_shape) -> dict[str, Any]:
-  x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
-  return variables["params"]
 
 
 def _check_float_tree(expected: Mapping[str, Any], got: Any, prefix: str = "") -> None:
@@ -104,8 +96,10 @@ def _check_float_tree(expected: Mapping[str, Any], got: Any, prefix: str = "") -
       check_array(got.get(key), spec.shape, np.float32, f"float parameter {path}")
 
 
-def validate(net: ExportedNetwork) -> list[LayerCall]:
+def validate(net: ExportedNetwork, traced=None) -> list[LayerCall]:
   """Checks every array against the header's model; returns the model's layer calls.
+
+  `traced` is the header model's `trace_with_params`, when the caller has it.
 
   Raises:
     ExportError: naming the first missing or mismatched array.
@@ -115,8 +109,7 @@ def validate(net: ExportedNetwork) -> list[LayerCall]:
   if not (isinstance(image_shape, list) and len(image_shape) == 3
           and all(isinstance(d, int) and d > 0 for d in image_shape)):
     raise ExportError(f"the header's image_shape {image_shape!r} is not (H, W, C); re-export the file.")
-  model = create_model(header)
-  calls = trace(model, image_shape)
+  calls, expected = traced or trace_with_params(create_model(header), image_shape)
   if not isinstance(payload, Mapping) or not {"binary", "affine", "float"} <= set(payload):
     raise ExportError("the payload lacks binary/affine/float sections; re-export the file.")
   binary, affine = payload["binary"], payload["affine"]
@@ -147,8 +140,7 @@ def validate(net: ExportedNetwork) -> list[LayerCall]:
       for field in ("scale", "shift"):
         check_array(entry.get(field), (call.in_shape[-1],), np.float32, f"{call.path} {field}")
   dropped = {c.path for c in calls if c.kind in ("binary_conv", "batch_norm")}
-  _check_float_tree(build.without(_expected_params(model, image_shape), dropped),
-                    payload["float"])
+  _check_float_tree(build.without(expected, dropped), payload["float"])
   return calls
 
 
