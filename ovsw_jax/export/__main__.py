@@ -27,7 +27,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir to export (its checkpoints/).")
 flags.DEFINE_string("out", None, "Path of the exported file to write.")
 flags.DEFINE_string("evaluate", None, "Exported file to evaluate (needs --config).")
-flags.DEFINE_enum("backend", "int8", ["int8", "float32", "xnor"],
+flags.DEFINE_enum("backend", "auto", ["auto", "int8", "xnor", "float32"],
                   "Binary conv arithmetic of the exported network.")
 config_flags.DEFINE_config_file(
     "config", None, "Run config, when the workdir has no config.json.", lock_config=False)

@@ -7,12 +7,16 @@ full-precision layers run unchanged from the stored float parameters.
 
 Binary conv backends (`backend=`), all exact on -1/0/+1 operands:
   "int8"    int8 signs, int32 accumulation (`lax.conv_general_dilated` with
-            `preferred_element_type=int32`). The default: fastest on the CPUs
-            measured (docs/export.md), where XLA hands it to an int8 GEMM kernel.
-  "float32" the same product in float32 (exact: sums of +-1 stay far below 2**24).
-  "xnor"    XOR + population count on channel-packed uint32 words (see
-            `xnor_popcount_conv`); 1-bit operands only, so it refuses kernels
-            with zero weights. Slower on CPU: XLA has no GEMM-like kernel for it.
+            `preferred_element_type=int32`); XLA's CPU int8 kernel makes it
+            the fastest for wide layers (64 input channels and more).
+  "xnor"    XOR + population count on channel-packed uint32 words
+            (`xnor_popcount_conv`); the fastest for narrow layers (up to 32
+            input channels, one word per pixel). A kernel with an exactly-zero
+            weight is not 1-bit: such a layer runs "int8" instead.
+  "auto"    the default: "xnor" up to 32 input channels, else "int8" (the
+            measured crossover on the CPU of docs/export.md).
+  "float32" the same product in float32 (exact: sums of +-1 stay far below
+            2**24); kept as the reference point of the benchmark.
 A packed-bit Pallas kernel for GPU/TPU is future work.
 
 Zero padding is that of the release: the padded border holds 0 (not -1), so
@@ -34,7 +38,9 @@ from ovsw_jax.export.build import unpack_kernel
 from ovsw_jax.export.network import ExportedNetwork
 from ovsw_jax.layer_calls import module_kind, module_path
 
-BACKENDS = ("int8", "float32", "xnor")
+BACKENDS = ("auto", "int8", "xnor", "float32")
+# "auto" takes the XOR + popcount path up to this many input channels.
+XNOR_MAX_CHANNELS = 32
 _DN = ("NHWC", "HWIO", "NHWC")
 
 
@@ -45,11 +51,22 @@ def _window(module) -> tuple[tuple[int, int], Any]:
   return tuple(strides), layers._lax_padding(module.padding, len(module.kernel_size))  # pylint: disable=protected-access
 
 
+# XLA's CPU int8 convolution ran 5-20x slower when the output channels were not
+# a multiple of 32 (ResNet-20's 16-channel stage; measured, docs/export.md):
+# zero output channels up to the next multiple cost little and are sliced off.
+INT8_CHANNEL_MULTIPLE = 32
+
+
 def int8_conv(signs: jax.Array, kernel: jax.Array, strides, padding) -> jax.Array:
   """Exact int32 conv of int8 sign activations with an int8 sign kernel."""
-  return jax.lax.conv_general_dilated(
+  out = kernel.shape[-1]
+  extra = -out % INT8_CHANNEL_MULTIPLE
+  if extra:
+    kernel = jnp.pad(kernel, [(0, 0)] * (kernel.ndim - 1) + [(0, extra)])
+  y = jax.lax.conv_general_dilated(
       signs, kernel, window_strides=strides, padding=padding, dimension_numbers=_DN,
       preferred_element_type=jnp.int32)
+  return y[..., :out] if extra else y
 
 
 def float32_conv(signs: jax.Array, kernel: jax.Array, strides, padding) -> jax.Array:
@@ -70,42 +87,50 @@ def pack_channels(bits: jax.Array) -> jax.Array:
 
 
 def xnor_popcount_conv(signs: jax.Array, kernel: jax.Array, strides, padding) -> jax.Array:
-  """Exact conv of +-1 operands by XOR and population count on packed words.
+  """Exact conv of -1/0/+1 activations with a +-1 kernel by XOR and population count.
 
-  For +-1 vectors of length K, `dot = K - 2 * popcount(a XOR w)` (bit 1 = +1).
-  Channels are packed 32 to a uint32 word (padding channels are 0 in both
-  operands, so they never differ). The spatial zero border cannot be a bit, so
-  it is packed as -1 and its contribution, `-sum(w)` over the border taps, is
-  added back: a one-channel conv of the border mask with the kernel summed
-  over input channels. Zero activations are not representable either: callers
-  pass `sign(x)` with no exact zeros (the int8 path has no such limit).
+  Channels are packed 32 to a uint32 word in two planes: `pos` (sign > 0) and
+  `nz` (sign != 0). For one output position and channel,
+  `dot = popcount(nz) - 2 * popcount((pos XOR w_pos) AND nz)`, summed over
+  the kernel taps: positions where the activation is 0 (sign(0) = 0, the zero
+  border, the channels padding the last word) have `nz = 0` and add nothing,
+  exactly as in the simulation. The kernel must have no zero weight (the
+  predictor routes such layers to `int8_conv`).
   """
-  kh, kw, c, _ = kernel.shape
+  kh, kw, _, _ = kernel.shape
   if isinstance(padding, str):
     padding = jax.lax.padtype_to_pads(signs.shape[1:3], (kh, kw), strides, padding)
   (pt, pb), (pl, pr) = padding
   n, h, w, _ = signs.shape
-  a = pack_channels(jnp.pad(signs > 0, ((0, 0), (pt, pb), (pl, pr), (0, 0))))
+  pad = ((0, 0), (pt, pb), (pl, pr), (0, 0))
+  pos = pack_channels(jnp.pad(signs > 0, pad))
+  nz = pack_channels(jnp.pad(signs != 0, pad))
   wk = pack_channels(jnp.moveaxis(kernel > 0, 2, 3))  # (kh, kw, O, words)
   sh, sw = strides
   ho = (h + pt + pb - kh) // sh + 1
   wo = (w + pl + pr - kw) // sw + 1
   mismatches = jnp.zeros((n, ho, wo, kernel.shape[-1]), jnp.int32)
+  count = jnp.zeros((n, ho, wo, 1), jnp.int32)
+  window = lambda x, i, j: x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :]
   for i in range(kh):
     for j in range(kw):
-      patch = a[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :]
-      x = jax.lax.population_count(patch[..., None, :] ^ wk[i, j])
-      mismatches = mismatches + jnp.sum(x, axis=-1, dtype=jnp.int32)
-  dot = kh * kw * c - 2 * mismatches
-  border = jnp.pad(jnp.zeros((1, h, w, 1), jnp.float32), ((0, 0), (pt, pb), (pl, pr), (0, 0)),
-                   constant_values=1.0)
-  kernel_sum = jnp.sum(kernel, axis=2, keepdims=True, dtype=jnp.float32)
-  correction = jax.lax.conv_general_dilated(  # small integers: exact in float32
-      border, kernel_sum, window_strides=strides, padding="VALID", dimension_numbers=_DN)
-  return dot + jnp.round(correction).astype(jnp.int32)
+      p, m = window(pos, i, j)[..., None, :], window(nz, i, j)[..., None, :]
+      differ = jax.lax.population_count((p ^ wk[i, j]) & m)
+      mismatches = mismatches + jnp.sum(differ, axis=-1, dtype=jnp.int32)
+      count = count + jnp.sum(jax.lax.population_count(m), axis=-1, dtype=jnp.int32)
+  return count - 2 * mismatches
 
 
 _CONVS = {"int8": int8_conv, "float32": float32_conv, "xnor": xnor_popcount_conv}
+
+
+def choose_conv(backend: str, in_channels: int, has_zero_weights: bool):
+  """The conv function one binary layer runs under `backend` (see the module docstring)."""
+  if backend == "auto":
+    backend = "xnor" if in_channels <= XNOR_MAX_CHANNELS else "int8"
+  if backend == "xnor" and has_zero_weights:
+    backend = "int8"
+  return _CONVS[backend]
 
 
 def device_arrays(net: ExportedNetwork) -> dict[str, Any]:
@@ -120,8 +145,7 @@ def device_arrays(net: ExportedNetwork) -> dict[str, Any]:
   }
 
 
-def _interceptor(arrays: Mapping[str, Any], backend: str):
-  conv = _CONVS[backend]
+def _interceptor(arrays: Mapping[str, Any], backend: str, zero_kernels: frozenset):
 
   def intercept(next_fun, args, kwargs, context):
     kind = module_kind(context.module)
@@ -133,6 +157,7 @@ def _interceptor(arrays: Mapping[str, Any], backend: str):
       a = arrays["affine"][path]
       return x.astype(jnp.float32) * a["scale"] + a["shift"]
     strides, padding = _window(context.module)
+    conv = choose_conv(backend, x.shape[-1], path in zero_kernels)
     acc = conv(jnp.sign(x).astype(jnp.int8), arrays["kernels"][path], strides, padding)
     y = acc.astype(jnp.float32)
     if path in arrays["alpha"]:
@@ -142,23 +167,29 @@ def _interceptor(arrays: Mapping[str, Any], backend: str):
   return intercept
 
 
+def zero_kernels(net: ExportedNetwork) -> frozenset:
+  """Paths of the binary layers with an exactly-zero weight (a `zeros` plane)."""
+  return frozenset(p for p, e in net.payload["binary"].items() if "zeros" in e)
+
+
 def forward(model: nn.Module, arrays: Mapping[str, Any], images: jax.Array,
-            backend: str = "int8") -> jax.Array:
-  """Logits of the exported network (pure; jit it, or use `predictor`)."""
-  if backend not in _CONVS:
+            backend: str = "auto", zero_kernels: frozenset = frozenset()) -> jax.Array:
+  """Logits of the exported network (pure; jit it, or use `predictor`).
+
+  `zero_kernels`: the layers whose kernel has zero weights (they never run "xnor").
+  """
+  if backend not in BACKENDS:
     raise ValueError(f"backend={backend!r}: use one of {', '.join(BACKENDS)}.")
-  with nn.intercept_methods(_interceptor(arrays, backend)):
+  with nn.intercept_methods(_interceptor(arrays, backend, zero_kernels)):
     return model.apply({"params": arrays["float"]}, images, train=False)
 
 
-def predictor(net: ExportedNetwork, backend: str = "int8"):
+def predictor(net: ExportedNetwork, backend: str = "auto"):
   """A jitted `images -> float32 logits` for `net` (arrays passed as arguments, not constants)."""
-  if backend == "xnor" and any("zeros" in e for e in net.payload["binary"].values()):
-    raise ValueError("backend='xnor' needs 1-bit kernels, this export has zero weights: "
-                     "use backend='int8'.")
   model = net.model()
   arrays = device_arrays(net)
-  fn = jax.jit(functools.partial(forward, model, backend=backend))
+  fn = jax.jit(functools.partial(forward, model, backend=backend,
+                                 zero_kernels=zero_kernels(net)))
   return lambda images: fn(arrays, jnp.asarray(images, jnp.float32))
 
 
