@@ -13,6 +13,7 @@ statistics are buffers, as in torch's parameter counts). Counts are per image.
 
     python -m ovsw_jax.summary                  # the five paper models
     python -m ovsw_jax.summary resnet18         # one of them
+    python -m ovsw_jax.summary --layers resnet20  # with a row per layer
 """
 
 from __future__ import annotations
@@ -185,7 +186,8 @@ def main(argv: Sequence[str]) -> int:
   if any(a in ("-h", "--help") for a in argv):
     print(__doc__)
     return 0
-  names = list(argv) or list(PAPER_MODELS)
+  per_layer = "--layers" in argv
+  names = [a for a in argv if a != "--layers"] or list(PAPER_MODELS)
   unknown = [n for n in names if n not in models.MODELS]
   if unknown:
     print(f"error: unknown model(s) {', '.join(unknown)}; valid: {', '.join(sorted(models.MODELS))}",
@@ -194,7 +196,10 @@ def main(argv: Sequence[str]) -> int:
   for name in names:
     classes, shape = PAPER_MODELS.get(name, (10, (32, 32, 3)))
     print(f"## {name} ({classes} classes, {shape[0]}x{shape[1]}x{shape[2]})\n")
-    print(format_totals(model_summary(name)) + "\n")
+    cost = model_summary(name)
+    if per_layer:
+      print(format_layers(cost) + "\n")
+    print(format_totals(cost) + "\n")
   return 0
 
 
