@@ -10,12 +10,11 @@ import pathlib
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import msgpack
 import numpy as np
 import pytest
+from flax import serialization
 
 from ovsw_jax import checkpointing, export, input_pipeline, models, train
 from ovsw_jax.export import build, format as fmt
@@ -217,7 +216,7 @@ def test_save_load_round_trip(trained_run, trained_export, tmp_path):
 
 
 def _outer(net):
-  return msgpack.unpackb(net.to_bytes(), raw=False, strict_map_key=False)
+  return serialization.msgpack_restore(net.to_bytes())
 
 
 def test_truncated_file_is_rejected(trained_export, tmp_path):
@@ -239,12 +238,12 @@ def test_other_version_and_other_files_are_rejected(trained_export, tmp_path):
   outer = _outer(trained_export)
   outer["header"]["version"] = fmt.FORMAT_VERSION + 1
   with pytest.raises(export.ExportError, match="version"):
-    export.from_bytes(msgpack.packb(outer, use_bin_type=True))
+    export.from_bytes(serialization.msgpack_serialize(outer))
   outer["header"]["format"] = "something-else"
   with pytest.raises(export.ExportError, match="format"):
-    export.from_bytes(msgpack.packb(outer, use_bin_type=True))
+    export.from_bytes(serialization.msgpack_serialize(outer))
   with pytest.raises(export.ExportError, match="not an ovsw-bnn file"):
-    export.from_bytes(msgpack.packb({"a": 1}))
+    export.from_bytes(serialization.msgpack_serialize({"a": 1}))
   with pytest.raises(export.ExportError, match="does not exist"):
     export.load(tmp_path / "missing.ovsw")
 

@@ -5,7 +5,6 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from ovsw_jax import models, summary

@@ -31,7 +31,6 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ovsw_jax import layers
 from ovsw_jax.export.build import unpack_kernel
