@@ -5,8 +5,3 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-
-def pytest_configure(config):
-  config.addinivalue_line(
-      "markers", "slow: starts subprocesses (the CLI, several processes); "
-      "deselect with -m 'not slow'")
