@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ovsw_jax.optim import add_sad_penalty, binary_weight_mask, scale_by_ags
+from ovsw_jax.optim import (
+    HyperparameterError, add_sad_penalty, binary_weight_mask, scale_by_ags)
 
 
 def create_learning_rate_fn(config: ml_collections.ConfigDict,
@@ -51,6 +52,30 @@ def _weight_decay_mask(params, exclude_1d: bool):
   return jax.tree.map(lambda p: not (exclude_1d and p.ndim <= 1), params)
 
 
+def ovsw_transforms(oc: ml_collections.ConfigDict) -> list[optax.GradientTransformation]:
+  """AGS and SAD as `config.ovsw` asks (none, one or both), on binary kernels only.
+
+  Why: a bad value (`--config.ovsw.delta=nan`, a negative `dampen_weight`, a
+  `track_momentum` of 1) must stop the run before training with a message that
+  names the config field and how to set it, not train with NaN updates.
+
+  Raises:
+    ValueError: a hyperparameter of `config.ovsw` is out of range.
+  """
+  parts = []
+  try:
+    if oc.ags:
+      parts.append(scale_by_ags(oc.delta, mask=binary_weight_mask))
+    if oc.sad:
+      parts.append(add_sad_penalty(oc.dampen_weight, oc.track_momentum,
+                                   oc.track_threshold, mask=binary_weight_mask))
+  except HyperparameterError as e:
+    raise ValueError(
+        f"config.ovsw.{e.argument} is invalid: {e} Fix it in the config file or "
+        f"on the command line (--config.ovsw.{e.argument}=VALUE).") from e
+  return parts
+
+
 def create_optimizer(config: ml_collections.ConfigDict,
                      learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
   """loss gradient -> AGS -> SAD -> weight decay -> base optimizer (docs/method.md §4).
@@ -61,13 +86,7 @@ def create_optimizer(config: ml_collections.ConfigDict,
   the gradient as in torch's SGD, skipping 1-D parameters (BatchNorm, biases,
   PReLU) when `config.wd_exclude_1d`.
   """
-  oc = config.ovsw
-  parts = []
-  if oc.ags:
-    parts.append(scale_by_ags(oc.delta, mask=binary_weight_mask))
-  if oc.sad:
-    parts.append(add_sad_penalty(oc.dampen_weight, oc.track_momentum,
-                                 oc.track_threshold, mask=binary_weight_mask))
+  parts = ovsw_transforms(config.ovsw)
   if config.weight_decay:
     parts.append(optax.add_decayed_weights(
         config.weight_decay,

@@ -290,3 +290,91 @@ def test_mask_leaves_other_leaves_untouched():
                              rtol=2e-6, atol=1e-12)
   np.testing.assert_array_equal(np.asarray(u["bn"]["scale"]), np.asarray(grads["bn"]["scale"]))
   np.testing.assert_array_equal(np.asarray(u["head"]["kernel"]), g.reshape(-1, 8))
+
+
+# ---------------------------------------------------------------------------
+# Hyperparameter checks: NaN, Inf, negative values and foreign axes are errors.
+
+
+@pytest.mark.parametrize("delta, problem", [
+    (float("nan"), "not a finite number"), (float("inf"), "not a finite number"),
+    (-float("inf"), "not a finite number"), (-0.01, "out of range"),
+    (np.float32("nan"), "not a finite number"), (np.array(-1.0), "out of range")])
+def test_bad_delta_is_rejected_at_construction(delta, problem):
+  with pytest.raises(ValueError, match=problem) as error:
+    ow.scale_by_ags(delta)
+  message = str(error.value)
+  assert message.startswith(f"scale_by_ags: delta={delta}")
+  assert "[0, inf)" in message and "0.01 (ImageNet)" in message  # the range and the fix
+  assert isinstance(error.value, ow.optim.HyperparameterError)
+  assert error.value.argument == "delta"
+
+
+def test_bad_eps_are_rejected():
+  with pytest.raises(ValueError, match=r"grad_eps=0.0 is out of range; it must lie in \(0, inf\)"):
+    ow.scale_by_ags(0.01, grad_eps=0.0)
+  with pytest.raises(ValueError, match="param_eps=nan is not a finite number"):
+    ow.scale_by_ags(0.01, param_eps=float("nan"))
+  ow.scale_by_ags(0.0, param_eps=0.0)  # the bounds are allowed
+
+
+def test_delta_schedule_checked_at_init_for_step_zero():
+  w = jnp.ones((3, 3, 2, 4))
+  tx = ow.scale_by_ags(lambda count: jnp.nan * count)  # Constructing it cannot tell.
+  with pytest.raises(ValueError, match=r"delta \(a schedule, at step 0\)=nan"):
+    tx.init(w)
+  tx = ow.scale_by_ags(lambda count: -0.01 + 0.0 * count)
+  with pytest.raises(ValueError, match="out of range"):
+    tx.init(w)
+  good = ow.scale_by_ags(optax.linear_schedule(0.1, 0.0, 10))
+  jax.jit(good.init)(w)  # Traced at init: passes unchecked.
+  u, _ = good.update(jnp.full_like(w, 1e-4), good.init(w), w)
+  np.testing.assert_allclose(np.asarray(u), ags_ref(np.full(w.shape, 1e-4), np.ones(w.shape),
+                                                    0.1)[0], rtol=2e-6)
+
+
+def test_inject_hyperparams_values_are_not_checked_and_trace():
+  # Injected values are JAX arrays (traced under jit): they cannot be checked
+  # where the transform is built, and checking must not break tracing.
+  g, w = mixed_case(3)
+  tx = optax.inject_hyperparams(ow.scale_by_ags)(delta=0.04)
+  state = jax.jit(tx.init)(jnp.asarray(w))
+  u, _ = jax.jit(tx.update)(jnp.asarray(g), state, jnp.asarray(w))
+  np.testing.assert_allclose(np.asarray(u), ags_ref(g, w, 0.04)[0], rtol=2e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("axis", [4, 7, -5])
+def test_out_of_range_axis_is_an_error_at_init(axis):
+  tx = ow.scale_by_ags(0.01, axis=axis)
+  with pytest.raises(ValueError) as error:
+    tx.init({"w": jnp.ones((3, 3, 2, 4))})
+  message = str(error.value)
+  assert f"axis={axis} is out of range for a parameter of shape (3, 3, 2, 4)" in message
+  assert "valid axes are -4..3" in message
+
+
+def test_out_of_range_axis_is_an_error_at_update():
+  # A state made for rank-4 kernels, then a rank-2 gradient: axis 3 would wrap to 1.
+  tx = ow.scale_by_ags(0.01, axis=3)
+  state = tx.init(jnp.ones((3, 3, 2, 4)))
+  with pytest.raises(ValueError, match=r"axis=3 is out of range .* valid axes are -2..1"):
+    tx.update(jnp.ones((6, 4)), state, jnp.ones((6, 4)))
+  for axis in (-4, 3):  # the ends of the range are fine
+    tx = ow.scale_by_ags(0.01, axis=axis)
+    tx.update(jnp.ones((3, 3, 2, 4)), tx.init(jnp.ones((3, 3, 2, 4))), jnp.ones((3, 3, 2, 4)))
+
+
+def test_axis_must_be_a_static_int():
+  with pytest.raises(ValueError, match="axis=1.5 must be a Python int"):
+    ow.scale_by_ags(0.01, axis=1.5)
+  g, w = mixed_case(5)
+  params = jnp.asarray(np.moveaxis(w, -1, 0))
+  grads = jnp.asarray(np.moveaxis(g, -1, 0))
+  # Injected without static_args, the axis is traced under jit: say how to fix it.
+  tx = optax.inject_hyperparams(ow.scale_by_ags)(delta=0.04, axis=0)
+  with pytest.raises(ValueError, match=r"static_args=\('axis',\)"):
+    jax.jit(tx.update)(grads, tx.init(params), params)
+  tx = optax.inject_hyperparams(ow.scale_by_ags, static_args=("axis",))(delta=0.04, axis=0)
+  u, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  np.testing.assert_allclose(np.asarray(u), ags_ref(grads, params, 0.04, axis=0)[0],
+                             rtol=2e-6, atol=1e-12)

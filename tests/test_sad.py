@@ -309,3 +309,45 @@ def test_silent_is_strictly_below_threshold():
   tx0 = ow.add_sad_penalty(1.0, track_momentum=0.5, track_threshold=0.0)
   u, _ = tx0.update(g, tx0.init(w0), w0)
   np.testing.assert_array_equal(np.asarray(u), np.zeros((1, 2)))
+
+
+# ---------------------------------------------------------------------------
+# Hyperparameter checks: NaN, Inf and out-of-range values are errors.
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    (dict(dampen_weight=float("nan")), "dampen_weight=nan is not a finite number"),
+    (dict(dampen_weight=float("inf")), "dampen_weight=inf is not a finite number"),
+    (dict(dampen_weight=np.float32("nan")), "dampen_weight=nan is not a finite number"),
+    (dict(dampen_weight=-2e-5), "dampen_weight=-2e-05 is out of range"),
+    (dict(track_momentum=float("nan")), "track_momentum=nan is not a finite number"),
+    (dict(track_momentum=1.0), r"track_momentum=1.0 is out of range; it must lie in \[0, 1\)"),
+    (dict(track_momentum=-float("inf")), "track_momentum=-inf is not a finite number"),
+    (dict(track_threshold=float("nan")), "track_threshold=nan is not a finite number"),
+    (dict(track_threshold=float("inf")), "track_threshold=inf is not a finite number"),
+    (dict(track_threshold=-1e-4), "track_threshold=-0.0001 is out of range"),
+])
+def test_bad_hyperparameters_are_rejected_at_construction(kwargs, expected):
+  with pytest.raises(ValueError, match=expected) as error:
+    ow.add_sad_penalty(**kwargs)
+  (name,) = kwargs
+  assert str(error.value).startswith("add_sad_penalty: ")
+  assert "the release uses" in str(error.value)  # the fix
+  assert error.value.argument == name
+
+
+def test_dampen_weight_schedule_checked_at_init_for_step_zero():
+  w = jnp.ones((3, 4))
+  tx = ow.add_sad_penalty(lambda count: jnp.inf + 0.0 * count)
+  with pytest.raises(ValueError, match=r"dampen_weight \(a schedule, at step 0\)=inf"):
+    tx.init(w)
+  good = ow.add_sad_penalty(optax.constant_schedule(0.1))
+  u, _ = good.update(jnp.zeros((3, 4)), good.init(w), w)
+  np.testing.assert_allclose(np.asarray(u), 0.1 * np.ones((3, 4)), rtol=1e-7)
+
+
+def test_ovsw_chain_rejects_bad_values():
+  with pytest.raises(ValueError, match="scale_by_ags: delta=nan"):
+    ow.ovsw(delta=float("nan"))
+  with pytest.raises(ValueError, match="add_sad_penalty: dampen_weight=nan"):
+    ow.ovsw(dampen_weight=float("nan"))

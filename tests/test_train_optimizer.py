@@ -11,6 +11,8 @@ from ovsw_jax import models
 from ovsw_jax.optim import binary_weight_mask
 from ovsw_jax.train_optimizer import create_optimizer
 
+from helpers import ROOT, module_command
+
 
 def params_and_grads():
   model = models.get_model("tiny", num_classes=10)
@@ -66,3 +68,27 @@ def test_vanilla_has_no_ovsw_state_and_unknown_optimizer_fails():
   c.optimizer = "lamb"
   with pytest.raises(ValueError, match="optimizer='lamb'"):
     create_optimizer(c, optax.constant_schedule(0.1))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("delta", float("nan")), ("delta", float("inf")), ("dampen_weight", float("nan")),
+    ("dampen_weight", -1e-3), ("track_momentum", 1.0), ("track_threshold", float("nan"))])
+def test_bad_ovsw_config_names_the_field_and_the_flag(field, value):
+  c = common.base_config()
+  setattr(c.ovsw, field, value)
+  with pytest.raises(ValueError) as error:
+    create_optimizer(c, optax.constant_schedule(0.1))
+  message = str(error.value)
+  assert message.startswith(f"config.ovsw.{field} is invalid: ")
+  assert f"{field}={value}" in message and f"--config.ovsw.{field}=VALUE" in message
+
+
+@pytest.mark.slow
+def test_cli_reports_a_nan_delta_without_a_traceback(tmp_path):
+  proc = module_command("ovsw_jax.main", [
+      f"--config={ROOT}/configs/default.py", f"--workdir={tmp_path}/wd",
+      "--config.ovsw.delta=nan"])
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode != 0, out
+  assert "config.ovsw.delta is invalid" in out and "delta=nan is not a finite number" in out
+  assert "Traceback" not in out

@@ -11,13 +11,23 @@
 
 tfds is never allowed to download: offline, its default `download=True` retries
 the network for minutes. A missing dataset raises `DatasetNotPreparedError`
-with the commands that prepare it. TensorFlow and tfds are imported lazily, so
-the digits path never imports them.
+with the commands that prepare it. Before tfds is asked for a split,
+`check_prepared` looks for the prepared files itself (`dataset_info.json`
+listing the split, its shard files, the array_record format where random
+access needs it), because tfds's own failures on a missing or partial dataset
+are raw tracebacks that blame the wrong thing (an empty folder reads as "in
+TFRECORD format", an empty `TFDS_DATA_DIR` as `KeyError: splits is empty`). The
+check only reads: it never creates folders in the user's data dir. TensorFlow
+and tfds are imported lazily, so the digits path never imports them.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import os
+import pathlib
+import re
 import threading
 
 import numpy as np
@@ -34,16 +44,19 @@ _DEFAULT_DIR_HINT = '$TFDS_DATA_DIR or ~/tensorflow_datasets (tfds default)'
 
 
 def prepare_instructions(name: str, data_dir: str | None, *,
-                         random_access: bool = False) -> str:
+                         random_access: bool = False, origin: str | None = None) -> str:
   """Returns the commands that prepare dataset `name` into `data_dir`.
 
   Why: tfds is called with `download=False` (offline it would retry for
   minutes), so the user must prepare the data once, on a machine with
   internet for CIFAR, or from the ILSVRC2012 tars for ImageNet.
   `random_access` datasets (read with `tfds.data_source`) must be built in the
-  array_record format.
+  array_record format. `origin` says where `data_dir` came from (see
+  `resolve_data_dir`).
   """
   where = data_dir or _DEFAULT_DIR_HINT
+  if data_dir and origin:
+    where = f'{data_dir} (from {origin})'
   target = data_dir or 'DIR'
   use = f'and pass --config.data_dir={target}.'
   if random_access:
@@ -69,20 +82,234 @@ def prepare_instructions(name: str, data_dir: str | None, *,
 
 
 def _not_prepared(name: str, data_dir: str | None, cause: BaseException | str,
-                  *, random_access: bool = False):
+                  *, random_access: bool = False, origin: str | None = None):
+  """The error for a dataset that is not there: the instructions, then what was wrong.
+
+  `cause` is tfds's exception, or a string saying what `check_prepared` found.
+  """
   if isinstance(cause, BaseException):
-    cause = f'{type(cause).__name__}: {str(cause).strip()[:500]}'
-  return DatasetNotPreparedError(
-      f'{prepare_instructions(name, data_dir, random_access=random_access)}\n'
-      f'(tfds said: {cause})')
+    cause = f'tfds said: {type(cause).__name__}: {str(cause).strip()[:500]}'
+  else:
+    cause = f'found: {cause}'
+  text = prepare_instructions(name, data_dir, random_access=random_access, origin=origin)
+  return DatasetNotPreparedError(f'{text}\n({cause})')
 
 
 # Exceptions tfds raises, with download=False, when the data is not there:
 # AssertionError ("could not find data in ...") from tfds.load/as_dataset,
 # NotImplementedError from tfds.data_source when the folder is empty or holds
 # tfrecord files (random access needs array_record), FileNotFoundError from
-# partially present folders.
-_NOT_PREPARED_ERRORS = (AssertionError, NotImplementedError, FileNotFoundError)
+# partially present folders, KeyError ("splits is empty") from a dataset with
+# no splits. `check_prepared` catches these shapes first; this is the backstop.
+_NOT_PREPARED_ERRORS = (AssertionError, NotImplementedError, FileNotFoundError, KeyError)
+
+
+# ---------------------------------------------------------------------------
+# Is a tfds dataset prepared? Read-only checks of the data dir.
+
+# Formats `tfds.data_source` reads by index.
+RANDOM_ACCESS_FORMATS = ('array_record', 'parquet')
+_VERSION = re.compile(r'^\d+\.\d+\.\d+$')
+_DEFAULT_TEMPLATE = '{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}'
+
+
+def resolve_data_dir(data_dir: str | None) -> tuple[str, str]:
+  """The data dir tfds reads, and where it came from: (path, origin).
+
+  As tfds decides: `data_dir` when given (`config.data_dir`), else
+  `$TFDS_DATA_DIR`, else `~/tensorflow_datasets`. The result is passed to tfds
+  explicitly, so the check and the read look at the same folder even if
+  `TFDS_DATA_DIR` changed after tfds was imported (tfds reads it once).
+  """
+  if data_dir:
+    return os.path.expanduser(os.fspath(data_dir)), 'config.data_dir'
+  env = os.environ.get('TFDS_DATA_DIR')
+  if env:
+    return os.path.expanduser(env), '$TFDS_DATA_DIR'
+  return os.path.join(os.path.expanduser('~'), 'tensorflow_datasets'), "tfds's default"
+
+
+def parse_tfds_name(name: str) -> tuple[str, str | None, str | None] | None:
+  """Splits `name[/config][:version]` into (name, config, version).
+
+  Returns None for names this module does not check itself (a namespace such
+  as `huggingface:x`, or keyword arguments); tfds then reports on its own.
+
+  >>> parse_tfds_name('imagenet2012')
+  ('imagenet2012', None, None)
+  >>> parse_tfds_name('imagenet2012_subset/10pct:5.0.0')
+  ('imagenet2012_subset', '10pct', '5.0.0')
+  >>> parse_tfds_name('huggingface:mnist') is None
+  True
+  """
+  base, version = name, None
+  if ':' in name:
+    base, version = name.rsplit(':', 1)
+    if not _VERSION.match(version):
+      return None
+  parts = base.split('/')
+  if len(parts) > 2 or not all(re.fullmatch(r'[\w.-]+', p) for p in parts):
+    return None
+  return parts[0], (parts[1] if len(parts) == 2 else None), version
+
+
+def split_names(split: str) -> list[str]:
+  """The split names a split expression reads: 'train[:10%]+test' -> ['train', 'test']."""
+  return [part.split('[', 1)[0].strip() for part in split.split('+')]
+
+
+def _version_key(v: str) -> tuple[int, ...]:
+  return tuple(int(x) for x in v.split('.'))
+
+
+def _shard_files(info: dict, split: dict, builder: str, file_format: str) -> list[str] | None:
+  """The file names of one split's shards, from its `dataset_info.json` entry.
+
+  None when the entry does not say (no shard lengths, or a template with
+  fields other than tfds's four): the files are then not checked.
+  """
+  lengths = split.get('shardLengths')
+  if not lengths:
+    return None
+  n = len(lengths)
+  template = split.get('filepathTemplate') or _DEFAULT_TEMPLATE
+  names = []
+  for i in range(n):
+    fname = (template.replace('{DATASET}', info.get('name') or builder)
+             .replace('{SPLIT}', split.get('name', ''))
+             .replace('{FILEFORMAT}', file_format)
+             .replace('{SHARD_X_OF_Y}', f'{i:05d}-of-{n:05d}'))
+    if '{' in fname:
+      return None
+    names.append(fname)
+  return names
+
+
+def find_problem(data_dir: str, builder: str, config: str | None, version: str | None,
+                 splits: list[str], *, random_access: bool) -> str | None:
+  """What keeps the dataset from being read, or None if it looks prepared.
+
+  Reads only: `<data_dir>/<builder>[/<config>]/<version>/dataset_info.json`
+  must be valid JSON listing every split in `splits`, the splits' shard files
+  (as the JSON names them) must exist, and a `random_access` dataset must be
+  in a format `tfds.data_source` reads (array_record). `version` None takes
+  the newest version folder present. Pure apart from reading the folder.
+  """
+  root = pathlib.Path(data_dir)
+  if not root.is_dir():
+    return f'the data dir {root} does not exist'
+  dataset_dir = root / builder / config if config else root / builder
+  if not dataset_dir.is_dir():
+    return f'{dataset_dir} does not exist'
+  entries = sorted(p.name for p in dataset_dir.iterdir())
+  versions = sorted((e for e in entries if _VERSION.match(e) and (dataset_dir / e).is_dir()),
+                    key=_version_key)
+  incomplete = [e for e in entries if 'incomplete' in e]
+  interrupted = (f'; {", ".join(incomplete)} is left from an interrupted build'
+                 if incomplete else '')
+  if version is None:
+    if not versions:
+      return f'{dataset_dir} holds no version folder{interrupted}'
+    version = versions[-1]
+  version_dir = dataset_dir / version
+  if not version_dir.is_dir():
+    found = f' (found: {", ".join(versions)})' if versions else ''
+    return f'{version_dir} does not exist{found}{interrupted}'
+  info_path = version_dir / 'dataset_info.json'
+  if not info_path.is_file():
+    return (f'{version_dir} has no dataset_info.json: an empty or partial folder, '
+            f'not a finished build{interrupted}')
+  try:
+    info = json.loads(info_path.read_text())
+  except (OSError, UnicodeDecodeError, ValueError) as e:
+    return f'{info_path} cannot be read as JSON ({type(e).__name__}: {e})'
+  if not isinstance(info, dict):
+    return f'{info_path} is not a tfds dataset_info.json (not a JSON object)'
+  listed = info.get('splits')
+  if not isinstance(listed, list) or not listed:
+    return f'{info_path} lists no splits: the build did not finish'
+  by_name = {sp.get('name'): sp for sp in listed if isinstance(sp, dict)}
+  missing = [sp for sp in splits if sp not in by_name]
+  if missing:
+    return (f'{info_path} has no split {", ".join(map(repr, missing))} '
+            f'(it lists {", ".join(map(repr, sorted(map(str, by_name))))})')
+  file_format = info.get('fileFormat') or 'tfrecord'
+  if random_access and file_format not in RANDOM_ACCESS_FORMATS:
+    return (f'{version_dir} is in the {file_format} format; reading examples by '
+            'index needs array_record')
+  for sp in splits:
+    files = _shard_files(info, by_name[sp], builder, file_format)
+    absent = [f for f in files or () if not (version_dir / f).is_file()]
+    if absent:
+      return (f'{version_dir} lacks {len(absent)} of the {len(files)} files of split '
+              f'{sp!r} (first: {absent[0]}): a partial copy or build')
+  return None
+
+
+def tfds_is_mocked(tfds) -> bool:
+  """True when tfds's dataset builder is patched, as `tfds.testing.mock_data` does.
+
+  Under the mock, tfds serves generated examples whatever the data dir holds,
+  so the file checks do not apply. Detected by where the builder's methods
+  come from: tfds's own are defined in `tensorflow_datasets.core`.
+  """
+  cls = tfds.core.DatasetBuilder
+  for attr in ('__init__', 'as_dataset', 'as_data_source', 'download_and_prepare'):
+    module = getattr(getattr(cls, attr, None), '__module__', None) or ''
+    if not module.startswith('tensorflow_datasets.core'):
+      return True
+  return False
+
+
+def _registered_version(tfds, builder: str, config: str | None) -> str | None:
+  """The version tfds reads for a dataset defined in code, or None for other names.
+
+  Looks the builder class up in tfds's registry (no files are touched);
+  a config of its own version wins over the class's.
+  """
+  try:
+    cls = tfds.builder_cls(builder)
+  except Exception:  # pylint: disable=broad-except  # Not in the registry: read-only files.
+    return None
+  configs = getattr(cls, 'BUILDER_CONFIGS', None) or []
+  if configs:
+    wanted = config or getattr(cls, 'DEFAULT_BUILDER_CONFIG_NAME', None) or configs[0].name
+    for c in configs:
+      if c.name == wanted and getattr(c, 'version', None):
+        return str(c.version)
+  version = getattr(cls, 'VERSION', None)
+  return str(version) if version else None
+
+
+def check_prepared(tfds, name: str, split: str, data_dir: str | None, *,
+                   random_access: bool = False) -> str | None:
+  """Raises `DatasetNotPreparedError` unless `split` of `name` is prepared; returns the data dir.
+
+  Why: asked for a dataset that is not there, tfds fails with tracebacks that
+  point elsewhere, and some of its calls leave empty folders behind. This
+  looks at the files first (`find_problem`), without creating anything.
+  Skipped (returning `data_dir` as given) under `tfds.testing.mock_data`,
+  for remote data dirs (`gs://...`) and for names `parse_tfds_name` does not
+  parse; tfds's own errors are then mapped to the same error.
+
+  Returns:
+    The data dir to pass to tfds (`resolve_data_dir`), or `data_dir` when the
+    check was skipped.
+  """
+  if tfds_is_mocked(tfds) or (data_dir and '://' in str(data_dir)):
+    return data_dir
+  resolved, origin = resolve_data_dir(data_dir)
+  parsed = parse_tfds_name(name)
+  if parsed is None or '://' in resolved:
+    return data_dir
+  builder, config, version = parsed
+  if version is None:
+    version = _registered_version(tfds, builder, config)
+  problem = find_problem(resolved, builder, config, version, split_names(split),
+                         random_access=random_access)
+  if problem:
+    raise _not_prepared(name, resolved, problem, random_access=random_access, origin=origin)
+  return resolved
 
 
 # ---------------------------------------------------------------------------
@@ -169,6 +396,7 @@ def load_tfds_arrays(name: str, split: str, data_dir: str | None):
     DatasetNotPreparedError: the split is not prepared in `data_dir`.
   """
   tfds = import_tfds()
+  data_dir = check_prepared(tfds, name, split, data_dir)
   try:
     ds = tfds.load(name, split=split, data_dir=data_dir, download=False,
                    shuffle_files=False, as_supervised=True)
@@ -203,6 +431,7 @@ def open_tfds_source(name: str, split: str, data_dir: str | None):
       in `data_dir`.
   """
   tfds = import_tfds()
+  data_dir = check_prepared(tfds, name, split, data_dir, random_access=True)
   try:
     source = tfds.data_source(
         name, split=split, data_dir=data_dir, download=False,

@@ -31,6 +31,27 @@ class AddSadPenaltyState(NamedTuple):
   silent_fraction: Any
 
 
+_GAMMA_HINT = ("dampen_weight is the L2 strength on silent weights; the release uses "
+               "9e-4 (CIFAR ResNet-20) and 2e-5 (ImageNet), and 0 switches the penalty off.")
+
+
+def _check_hyperparams(dampen_weight, track_momentum, track_threshold) -> None:
+  """Rejects NaN, infinite and out-of-range hyperparameters given as numbers.
+
+  Why: a NaN `dampen_weight` makes every update NaN, and a NaN threshold or
+  momentum silently marks no weight (or every weight) silent. Arrays and
+  schedules (as under `optax.inject_hyperparams`) are not checked here; a
+  schedule's step-0 value is checked by `init`.
+  """
+  _common.check_range("add_sad_penalty", "dampen_weight", dampen_weight, hint=_GAMMA_HINT)
+  _common.check_range(
+      "add_sad_penalty", "track_momentum", track_momentum, high=1.0,
+      hint="It is the flip tracker's momentum m; the release uses 0.999.")
+  _common.check_range(
+      "add_sad_penalty", "track_threshold", track_threshold,
+      hint="It is the silence threshold sigma; the release uses 1e-4.")
+
+
 def add_sad_penalty(
     dampen_weight: float | jax.Array | optax.Schedule = 2e-5,
     track_momentum: float | jax.Array = 0.999,
@@ -55,15 +76,23 @@ def add_sad_penalty(
   Place it after `scale_by_ags` and before weight decay and momentum.
 
   Args:
-    dampen_weight: gamma, the strength of the penalty, a float or a schedule
-      (9e-4 in the release's CIFAR ResNet-20 sweep, 2e-5 for ImageNet).
+    dampen_weight: gamma, the strength of the penalty, a finite float >= 0 or
+      a schedule (9e-4 in the release's CIFAR ResNet-20 sweep, 2e-5 for ImageNet).
     track_momentum: m, in [0, 1).
-    track_threshold: sigma; a weight whose tracker is below it is silent.
+    track_threshold: sigma, >= 0; a weight whose tracker is below it is silent.
     mask: a pytree of bools or a callable returning one; only True leaves are
       penalised and tracked (use `binary_weight_mask`).
 
   Returns:
     An `optax.GradientTransformation`.
+
+  Raises:
+    ValueError: a hyperparameter is NaN, infinite or out of its range
+      (`dampen_weight` and `track_threshold` >= 0, `track_momentum` in
+      [0, 1)), checked where it is a Python or NumPy number; a
+      `dampen_weight` schedule's value at step 0, checked by `init`. JAX
+      arrays, such as the values `optax.inject_hyperparams` passes, are not
+      checked.
 
   Example:
     >>> import jax.numpy as jnp, ovsw_jax as ow
@@ -78,11 +107,11 @@ def add_sad_penalty(
     Xiang et al., "OvSW: Overcoming Silent Weights for Accurate Binary Neural
     Networks", ECCV 2024, https://arxiv.org/abs/2407.05257
   """
-  _common.check_non_negative("dampen_weight", dampen_weight)
-  _common.check_momentum("track_momentum", track_momentum)
-  _common.check_non_negative("track_threshold", track_threshold)
+  _check_hyperparams(dampen_weight, track_momentum, track_threshold)
 
   def init_fn(params):
+    _common.check_schedule_start("add_sad_penalty", "dampen_weight", dampen_weight,
+                                 hint=_GAMMA_HINT)
     return AddSadPenaltyState(
         count=jnp.zeros([], jnp.int32),
         tracker=jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
