@@ -68,7 +68,7 @@ class Summary:
 
   @property
   def binary_params(self) -> int:
-    return int(sum(l.params for l in self.layers if l.kind == "binary_conv"))
+    return int(sum(row.params for row in self.layers if row.kind == "binary_conv"))
 
   @property
   def bops(self) -> int:
@@ -159,11 +159,11 @@ def format_layers(summary: Summary) -> str:
   """A markdown table, one row per layer."""
   rows = ["| layer | kind | W/A bits | params | float32 | deployed | binary MACs | float MACs |",
           "|---|---|---|---:|---:|---:|---:|---:|"]
-  for l in summary.layers:
+  for row in summary.layers:
     rows.append(
-        f"| {l.path} | {l.kind} | {l.weight_bits}/{l.activation_bits} | {l.params:,} | "
-        f"{_si(l.float32_bytes)}B | {_si(l.deployed_bytes)}B | {_si(l.binary_macs)} | "
-        f"{_si(l.float_macs)} |")
+        f"| {row.path} | {row.kind} | {row.weight_bits}/{row.activation_bits} | {row.params:,} | "
+        f"{_si(row.float32_bytes)}B | {_si(row.deployed_bytes)}B | {_si(row.binary_macs)} | "
+        f"{_si(row.float_macs)} |")
   return "\n".join(rows)
 
 
@@ -190,7 +190,8 @@ def main(argv: Sequence[str]) -> int:
   names = [a for a in argv if a != "--layers"] or list(PAPER_MODELS)
   unknown = [n for n in names if n not in models.MODELS]
   if unknown:
-    print(f"error: unknown model(s) {', '.join(unknown)}; valid: {', '.join(sorted(models.MODELS))}",
+    valid = ", ".join(sorted(models.MODELS))
+    print(f"error: unknown model(s) {', '.join(unknown)}; valid: {valid}",
           file=sys.stderr)
     return 2
   for name in names:

@@ -18,7 +18,6 @@ from flax import serialization
 
 from ovsw_jax import checkpointing, export, input_pipeline, models, train
 from ovsw_jax.export import build, format as fmt
-from ovsw_jax.repro import snapshot
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -45,7 +44,6 @@ def trained_run(tmp_path_factory):
   config.eval_every_epochs = 1000  # evaluate once, at the end
   result = train.train_and_evaluate(config, str(workdir))
   assert result["eval_accuracy"] > 0.2  # it learned something (chance: 0.1)
-  snapshot.save_config(config, workdir)
   setup = train.setup(config)
   manager = checkpointing.create_manager(str(workdir / "checkpoints"))
   state = checkpointing.restore_latest(manager, setup.initial_state)
@@ -258,7 +256,8 @@ def test_shape_mismatches_are_rejected(trained_export):
     export.from_bytes(wider.to_bytes())
   payload = jax.tree.map(lambda x: x, trained_export.payload)
   payload["float"]["linear"]["kernel"] = payload["float"]["linear"]["kernel"][:, :5]
-  with pytest.raises(export.ExportError, match=r"float parameter linear/kernel has shape \(16, 5\)"):
+  with pytest.raises(export.ExportError,
+                     match=r"float parameter linear/kernel has shape \(16, 5\)"):
     export.from_bytes(export.ExportedNetwork(trained_export.header, payload).to_bytes())
   payload = jax.tree.map(lambda x: x, trained_export.payload)
   payload["affine"]["bn1"]["scale"] = payload["affine"]["bn1"]["scale"].astype(np.float64)

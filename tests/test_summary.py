@@ -37,8 +37,8 @@ def _count(tree):
 def test_small_model_by_hand():
   h, w, c = 12, 10, 4
   s = summary.summarize(OneOfEach(), (h, w, c))
-  rows = {l.path: l for l in s.layers}
-  assert [l.kind for l in s.layers] == ["conv", "batch_norm", "binary_conv", "batch_norm",
+  rows = {row.path: row for row in s.layers}
+  assert [row.kind for row in s.layers] == ["conv", "batch_norm", "binary_conv", "batch_norm",
                                         "binary_conv", "dense"]
   out = lambda n, k, stride, pad: (n + 2 * pad - k) // stride + 1
   ho, wo = out(h, 3, 2, 1), out(w, 3, 2, 1)

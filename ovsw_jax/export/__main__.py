@@ -23,6 +23,8 @@ from absl import app, flags, logging
 import ml_collections
 from ml_collections import config_flags
 
+from ovsw_jax.workdir import CONFIG_FILE  # the run config the trainer records
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir to export (its checkpoints/).")
 flags.DEFINE_string("out", None, "Path of the exported file to write.")
@@ -35,10 +37,6 @@ config_flags.DEFINE_config_file(
 
 class UsageError(Exception):
   """Bad command-line input; its message is printed as one line."""
-
-
-# The run's config as `ovsw_jax.repro` records it next to the checkpoints.
-CONFIG_FILE = "config.json"
 
 
 def _config_of_workdir(workdir: str):

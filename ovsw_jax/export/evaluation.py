@@ -27,13 +27,13 @@ def evaluate(config: ml_collections.ConfigDict,
     mask = np.asarray(batch["mask"], bool)
     labels = np.asarray(batch["label"])[mask]
     logits = {name: np.asarray(fn(batch["image"]))[mask] for name, fn in predictors.items()}
-    preds = {name: l.argmax(-1) for name, l in logits.items()}
+    preds = {name: x.argmax(-1) for name, x in logits.items()}
     for name, p in preds.items():
       correct[name] += int(np.sum(p == labels))
     first = next(iter(logits.values()))
     agree += int(np.sum(np.all([p == preds[next(iter(preds))] for p in preds.values()], axis=0)))
-    max_diff = max([max_diff] + [float(np.max(np.abs(l - first), initial=0.0))
-                                 for l in logits.values()])
+    max_diff = max([max_diff] + [float(np.max(np.abs(x - first), initial=0.0))
+                                 for x in logits.values()])
     count += int(mask.sum())
   out = {f"top1/{name}": c / max(count, 1) for name, c in correct.items()}
   out["count"] = float(count)

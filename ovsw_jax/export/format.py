@@ -86,7 +86,8 @@ def decode(data: bytes, *, source: str = "the file") -> tuple[dict[str, Any], di
   try:
     payload = serialization.msgpack_restore(body)
   except Exception as e:
-    raise ExportError(f"{source}'s payload cannot be decoded ({type(e).__name__}); {redo}.") from None
+    raise ExportError(
+        f"{source}'s payload cannot be decoded ({type(e).__name__}); {redo}.") from None
   return header, payload
 
 

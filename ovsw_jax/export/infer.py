@@ -77,7 +77,10 @@ def float32_conv(signs: jax.Array, kernel: jax.Array, strides, padding) -> jax.A
 
 
 def pack_channels(bits: jax.Array) -> jax.Array:
-  """Packs a boolean `(..., C)` into uint32 words `(..., ceil(C / 32))`, bit i of word j = channel 32j+i."""
+  """Packs a boolean `(..., C)` into uint32 words `(..., ceil(C / 32))`.
+
+  Bit i of word j holds channel 32j+i.
+  """
   c = bits.shape[-1]
   words = -(-c // 32)
   bits = jnp.pad(bits, [(0, 0)] * (bits.ndim - 1) + [(0, words * 32 - c)])

@@ -87,7 +87,8 @@ def export_network(model_name: str, num_classes: int, params: Mapping[str, Any],
 
 def _check_float_tree(expected: Mapping[str, Any], got: Any, prefix: str = "") -> None:
   if not isinstance(got, Mapping):
-    raise ExportError(f"float parameters at {prefix or 'the root'} are missing; re-export the file.")
+    raise ExportError(
+        f"float parameters at {prefix or 'the root'} are missing; re-export the file.")
   for key, spec in expected.items():
     path = f"{prefix}/{key}" if prefix else key
     if isinstance(spec, Mapping):
@@ -108,7 +109,8 @@ def validate(net: ExportedNetwork, traced=None) -> list[LayerCall]:
   image_shape = header.get("image_shape")
   if not (isinstance(image_shape, list) and len(image_shape) == 3
           and all(isinstance(d, int) and d > 0 for d in image_shape)):
-    raise ExportError(f"the header's image_shape {image_shape!r} is not (H, W, C); re-export the file.")
+    raise ExportError(
+        f"the header's image_shape {image_shape!r} is not (H, W, C); re-export the file.")
   calls, expected = traced or trace_with_params(create_model(header), image_shape)
   if not isinstance(payload, Mapping) or not {"binary", "affine", "float"} <= set(payload):
     raise ExportError("the payload lacks binary/affine/float sections; re-export the file.")

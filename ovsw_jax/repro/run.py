@@ -107,7 +107,6 @@ def train_one(config: ml_collections.ConfigDict, path, info: dict) -> dict:
   input_pipeline.get_info(config)  # a missing data set fails here, before any file
   path.mkdir(parents=True, exist_ok=True)
   (path / "run.json").write_text(json.dumps(info, indent=1))
-  snapshot.save_config(config, path)
   start = time.time()
   result = train.train_and_evaluate(config, str(path))
   result["train_seconds"] = time.time() - start

@@ -18,9 +18,9 @@ import numpy as np
 
 from ovsw_jax import bitpack, checkpointing, metrics, train
 from ovsw_jax.optim import binary_weight_mask
+from ovsw_jax.workdir import CONFIG_FILE
 
 WEIGHTS_FILE = "weights.npz"
-CONFIG_FILE = "config.json"
 
 
 def _initial_and_final(config: ml_collections.ConfigDict, workdir: str):
@@ -53,13 +53,8 @@ def export_weights(config: ml_collections.ConfigDict, workdir) -> pathlib.Path:
   return path
 
 
-def save_config(config: ml_collections.ConfigDict, workdir) -> None:
-  """Stores the run's config as JSON, so a snapshot can be made later."""
-  pathlib.Path(workdir, CONFIG_FILE).write_text(config.to_json_best_effort(indent=1))
-
-
 def load_config(workdir) -> ml_collections.ConfigDict | None:
-  """The config `save_config` stored in `workdir`, or None."""
+  """The config the trainer recorded in `workdir` (`workdir.CONFIG_FILE`), or None."""
   path = pathlib.Path(workdir, CONFIG_FILE)
   if not path.exists():
     return None
