@@ -33,8 +33,8 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import flags
 from etils import epath
-from jax.experimental import multihost_utils
 
 from ovsw_jax import multihost
 
@@ -83,12 +83,30 @@ class _CompleteSteps(ocp.step.NameFormat):
                         metadata.path)
 
 
+def _use_coordination_barriers() -> None:
+  """Makes orbax synchronise processes through jax's coordination service.
+
+  By default orbax's barriers are device collectives (`sync_global_devices`),
+  run by its background save thread while the main thread runs the train
+  step's collectives: the two processes can then enter them in different
+  orders and wait for each other forever (seen once in 10 two-process runs).
+  Barriers of the coordination service involve no device. The switch is an
+  absl flag of orbax's; outside an absl program the flags are marked parsed
+  first (all other flags keep their defaults).
+  """
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  flags.FLAGS.experimental_orbax_use_distributed_barrier = True
+
+
 def create_manager(directory: str, *, max_to_keep: int = 3) -> ocp.CheckpointManager:
   """A `CheckpointManager` over `directory` keeping the last `max_to_keep` steps.
 
   A relative local path is made absolute (orbax requires it); URLs such as
   `gs://...` are kept as they are.
   """
+  if jax.process_count() > 1:
+    _use_coordination_barriers()
   if not isinstance(max_to_keep, int) or max_to_keep < 1:
     raise ValueError(f"keep_checkpoints={max_to_keep!r} would keep no checkpoint to resume "
                      "from: set --config.keep_checkpoints to 1 or more.")
@@ -200,7 +218,7 @@ def _move_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
                       "trained and saved again.", source, target)
   if steps:
     if jax.process_count() > 1:
-      multihost_utils.sync_global_devices("ovsw_jax:damaged-checkpoints-moved")
+      ocp.multihost.sync_global_processes("ovsw_jax_damaged_checkpoints_moved")
     manager.reload()
 
 

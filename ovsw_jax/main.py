@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import faulthandler
 import os
 import pathlib
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -83,7 +85,8 @@ def _quiet_orbax() -> None:
 
   class _Filter(std_logging.Filter):
     def filter(self, record):
-      if "/orbax/" not in record.pathname:
+      # asyncio reports orbax's failed read tasks ("Task exception was never retrieved").
+      if "/orbax/" not in record.pathname and record.name != "asyncio":
         return True
       if record.levelno < std_logging.WARNING:
         return False
@@ -125,6 +128,8 @@ def main(argv):
     sys.exit(supervisor.run_child(sys.argv[1:], process_id=FLAGS.process_id,
                                   workdir=FLAGS.workdir))
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  # `kill -USR1 PID` prints every thread's stack: what a stuck run is waiting for.
+  faulthandler.register(signal.SIGUSR1, all_threads=True)
   _quiet_orbax()
   # Imported here so `--help` stays fast and TF never grabs an accelerator.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
