@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping
 
 from clu import metric_writers
 
-METRICS_FILE = "metrics.jsonl"
+from ovsw_jax.workdir import METRICS_FILE
 
 
 def flatten_hparams(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
