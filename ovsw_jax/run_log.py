@@ -55,11 +55,6 @@ def kind_of(scalars: Mapping[str, Any]) -> str:
   return "eval" if any(k.startswith("eval_") for k in scalars) else "train"
 
 
-def overall(scalars: Mapping[str, Any]) -> dict[str, Any]:
-  """The scalars without the per-layer ones (keys like `silent_ratio/layer1_0/conv1`)."""
-  return {k: v for k, v in scalars.items() if "/" not in k}
-
-
 def _duration(seconds: float) -> str:
   if not math.isfinite(seconds):
     return "?"
