@@ -113,7 +113,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
   from ovsw_jax import checkpointing, input_pipeline, train, workdir  # pylint: disable=g-import-not-at-top
   return (input_pipeline.DatasetNotPreparedError, ValueError, train.NonFiniteLossError,
           workdir.WorkdirLockedError, checkpointing.CheckpointMismatchError,
-          checkpointing.CheckpointSaveError)
+          checkpointing.CheckpointSaveError, OSError)
 
 
 def _multi_process_requested() -> bool:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from ovsw_jax import bitpack
-from ovsw_jax.naming import key_name
+from ovsw_jax.naming import path_name
 
 
 class FlipState(NamedTuple):
@@ -62,10 +62,6 @@ def _popcount(packed: jax.Array) -> jax.Array:
   return jnp.sum(jnp.unpackbits(packed).astype(jnp.int32))
 
 
-def _path_name(path) -> str:
-  return "/".join(key_name(entry) for entry in path)
-
-
 def _per_layer(values: dict[str, tuple[jax.Array, int]], prefix: str) -> dict[str, jax.Array]:
   """`{prefix: overall, prefix/layer: ratio}` from per-layer (count, total) pairs."""
   out = {}
@@ -83,7 +79,7 @@ def _layers(mask, *trees):
   flat = [jax.tree.leaves(t, is_leaf=lambda x: x is None) for t in trees]
   for i, (path, m) in enumerate(flat_mask):
     if m:
-      yield (_path_name(path[:-1]) or _path_name(path),) + tuple(f[i] for f in flat)
+      yield (path_name(path[:-1]) or path_name(path),) + tuple(f[i] for f in flat)
 
 
 def silent_ratio(flips: FlipState, params: Any, mask: Any) -> dict[str, jax.Array]:
@@ -133,7 +129,7 @@ def _measurements(opt_state: Any, key: str, params: Any, mask: Any, weight_fn):
   for (path, m), v, p in zip(flat_mask, leaves, param_leaves):
     if m and not isinstance(v, optax.MaskedNode):
       n = weight_fn(p)
-      values[_path_name(path[:-1])] = (v * n, n)
+      values[path_name(path[:-1])] = (v * n, n)
   return _per_layer(values, key) if values else {}
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import jax
+
 # Attribute and parameter name of every binary layer's latent (real-valued)
 # weight, in the linen and the nnx `BinaryConv` alike. `binary_weight_mask`
 # keys on it, so a binary kernel is recognised whatever its module is called.
@@ -29,6 +31,26 @@ def key_name(entry: Any) -> str:
     if hasattr(entry, attr):
       return str(getattr(entry, attr))
   return str(entry)
+
+
+def path_name(path: Sequence[Any]) -> str:
+  """A pytree path as the slash-separated name used in metric keys (`layer1_0/conv1`).
+
+  Built by `jax.tree_util.keystr` from each entry's own field (a DictKey's
+  `key`, a GetAttrKey's `name`, a SequenceKey's `idx`), so a key that itself
+  holds brackets or quotes is never mangled by string surgery. The same names
+  label the per-layer metrics (`silent_ratio/<path_name>`) and the reproduction
+  study's weight snapshots.
+
+  >>> import jax
+  >>> path_name((jax.tree_util.DictKey('layer1_0'), jax.tree_util.DictKey('conv1')))
+  'layer1_0/conv1'
+  >>> path_name((jax.tree_util.GetAttrKey('blocks'), jax.tree_util.SequenceKey(2)))
+  'blocks/2'
+  >>> path_name(())
+  ''
+  """
+  return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def parameter_path(path: Sequence[Any]) -> tuple[Any, ...]:

@@ -22,9 +22,9 @@ import ml_collections
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
-from clu import metric_writers, metrics as clu_metrics, parameter_overview, periodic_actions
+from clu import metrics as clu_metrics, parameter_overview, periodic_actions
 
-from ovsw_jax import checkpointing, input_pipeline, metrics, models, preemption
+from ovsw_jax import checkpointing, input_pipeline, metrics, models, preemption, run_log
 from ovsw_jax import workdir as workdir_lib
 from ovsw_jax.optim import binary_weight_mask
 from ovsw_jax.train_optimizer import create_learning_rate_fn, create_optimizer
@@ -355,11 +355,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, donate: bool,
   start_step = int(state.step)
   last_saved = start_step if start_step > 0 else None
 
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0)
+  writer = run_log.create_writer(workdir, num_steps=num_steps, start_step=start_step,
+                                 is_main=jax.process_index() == 0)
   if start_step == 0:
-    writer.write_hparams({k: v for k, v in config.to_dict().items()
-                          if isinstance(v, (int, float, str, bool))})
+    writer.write_hparams(config.to_dict())
     if jax.process_index() == 0:
       parameter_overview.log_parameter_overview(state.params)
 
@@ -387,7 +386,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, donate: bool,
       process_index=jax.process_index(), process_count=jax.process_count())
   hooks = []
   if jax.process_index() == 0:
-    hooks.append(periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer))
+    hooks.append(periodic_actions.ReportProgress(num_train_steps=num_steps,
+                                                 writer=writer.tensorboard))
 
   log_every = max(int(config.log_every_steps), 1)
   eval_every = max(int(config.eval_every_epochs * run.steps_per_epoch), 1)
@@ -444,7 +444,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, donate: bool,
                  start_step, num_steps)
     final = evaluate_now()
   checkpointing.wait(manager)
-  writer.flush()
+  writer.close()
   return final
 
 

@@ -26,6 +26,8 @@ import ml_collections
 from etils import epath
 
 CONFIG_FILE = "config.json"
+# The metrics a run logged, one JSON object a line (written by `ovsw_jax.run_log`).
+METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = "run.lock"
 
 # Fields a restart may change: they do not alter the checkpointed state's

@@ -35,7 +35,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
   lines = []
   for line in proc.stdout:  # wait until training is under way
     lines.append(line)
-    if "train_loss" in line or time.time() > deadline:
+    if "train step " in line or time.time() > deadline:
       break
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)

@@ -176,7 +176,7 @@ def test_sigterm_to_one_process_saves_one_step_on_both_and_resumes(tmp_path):
   logs.mkdir()
   procs = start_pair(workdir, LONG, logs)
   try:
-    assert wait_for(logs / "p0.log", "train_loss", LIMIT_S - 60), outputs(logs)[0][-3000:]
+    assert wait_for(logs / "p0.log", "train step ", LIMIT_S - 60), outputs(logs)[0][-3000:]
     procs[1].send_signal(signal.SIGTERM)  # the launcher of process 1 only
     rcs = [p.wait(timeout=LIMIT_S) for p in procs]
   finally:
@@ -202,7 +202,7 @@ def test_a_killed_process_ends_the_other_with_a_clear_message(tmp_path):
   logs.mkdir()
   procs = start_pair(workdir, LONG, logs)
   try:
-    assert wait_for(logs / "p0.log", "train_loss", LIMIT_S - 60), outputs(logs)[0][-3000:]
+    assert wait_for(logs / "p0.log", "train step ", LIMIT_S - 60), outputs(logs)[0][-3000:]
     # Kill the trainer of process 1 (timeout -> supervisor -> trainer), as a lost host would.
     supervisor_pid = int(subprocess.check_output(["pgrep", "-P", str(procs[1].pid)]).split()[0])
     trainer_pid = int(subprocess.check_output(["pgrep", "-P", str(supervisor_pid)]).split()[0])

@@ -1,9 +1,9 @@
 """Reads the scalars a training run logged, and finds the runs under a directory.
 
-`train.train_and_evaluate` logs through clu's metric writers, which write
-TensorBoard event files (scalars as tensor summaries) into the workdir. A run
-that resumed has several event files, possibly repeating steps: the value
-written last for a (tag, step) wins, as TensorBoard shows it.
+`train.train_and_evaluate` appends every scalar it logs, per-layer figures
+included, to `metrics.jsonl` in its workdir (`ovsw_jax.run_log`). A run that
+resumed may have logged a step twice: the value written last for a
+(tag, step) wins, as TensorBoard shows it.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ import re
 
 import numpy as np
 
+from ovsw_jax.workdir import METRICS_FILE
+
 ARMS = ("vanilla", "ags", "sad", "ovsw")
-RUN_INFO = "run.json"   # written by `run.py` next to the event files
+RUN_INFO = "run.json"   # written by `run.py` next to the metrics file
 _SEED_DIR = re.compile(r"^seed(\d+)$")
 
 
@@ -41,34 +43,28 @@ class Run:
   info: dict
 
 
-def event_files(workdir) -> list[pathlib.Path]:
-  """The TensorBoard event files directly in `workdir`, oldest first."""
-  return sorted(pathlib.Path(workdir).glob("events.out.tfevents.*"),
-                key=lambda p: (p.stat().st_mtime, p.name))
+def metrics_file(workdir) -> pathlib.Path:
+  """The JSON-lines metrics file of a run (`workdir.METRICS_FILE`)."""
+  return pathlib.Path(workdir, METRICS_FILE)
 
 
 def read_scalars(workdir) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """All scalars of a run: `{tag: (steps, values)}`, sorted by step, one value per step."""
-  # Imported here: tensorboard pulls in TensorFlow, which `--help` should not pay for.
-  # pylint: disable=g-import-not-at-top
-  from tensorboard.backend.event_processing import event_file_loader
-  from tensorboard.util import tensor_util
+  """All scalars of a run: `{tag: (steps, values)}`, sorted by step, one value per step.
+
+  Read from the run's `metrics.jsonl`; a line cut short by a killed run is skipped.
+  """
   by_tag: dict[str, dict[int, float]] = {}
-  for path in event_files(workdir):
-    for event in event_file_loader.EventFileLoader(str(path)).Load():
-      for value in event.summary.value:
-        if value.HasField("tensor"):
-          if value.metadata.plugin_data.plugin_name not in ("", "scalars"):
-            continue
-          array = tensor_util.make_ndarray(value.tensor)
-          if array.size != 1 or not np.issubdtype(array.dtype, np.number):
-            continue
-          scalar = float(array.reshape(()))
-        elif value.HasField("simple_value"):
-          scalar = float(value.simple_value)
-        else:
-          continue
-        by_tag.setdefault(value.tag, {})[int(event.step)] = scalar
+  with open(metrics_file(workdir), encoding="utf-8") as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      step = int(record.pop("step"))
+      record.pop("kind", None)
+      for tag, value in record.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+          by_tag.setdefault(tag, {})[step] = float(value)
   out = {}
   for tag, points in by_tag.items():
     steps = np.array(sorted(points), dtype=np.int64)
@@ -77,7 +73,7 @@ def read_scalars(workdir) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def find_runs(root) -> list[Run]:
-  """Every training workdir under `root` (a directory with event files), sorted.
+  """Every training workdir under `root` (a directory with `metrics.jsonl`), sorted.
 
   Arm and seed come from the run's `run.json` if present, else from the path:
   a directory named like an arm, and one named `seed<k>`. Symbolic links are
@@ -89,7 +85,7 @@ def find_runs(root) -> list[Run]:
   for dirpath, dirnames, _ in os.walk(root, followlinks=True):
     dirnames[:] = sorted(d for d in dirnames if d != "checkpoints")
     path = pathlib.Path(dirpath)
-    if not event_files(path):
+    if not metrics_file(path).is_file():
       continue
     parts = list(path.relative_to(root).parts)
     info = {}

@@ -213,7 +213,7 @@ def write_plots(workdir, out_dir, layers: str | Sequence[str] | None = None,
   out_dir.mkdir(parents=True, exist_ok=True)
   runs = events.find_runs(workdir)
   if not runs:
-    raise FileNotFoundError(f"No runs (event files) under {workdir}.")
+    raise FileNotFoundError(f"No runs (metrics.jsonl files) under {workdir}.")
   written = []
   for group, group_runs in events.group_runs(runs, groups).items():
     prefix = tables.prefix_of(group)

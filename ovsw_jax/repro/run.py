@@ -10,7 +10,7 @@ release's ResNet-20 recipe (`configs/cifar10_resnet20.py`) and needs a tfds
 data set prepared in `--set=data_dir=...`. `--set` overrides any config field.
 
 Every run is a training workdir `DIR/<group>/<arm>/seed<k>` (group defaults
-to the data set's name) holding event files, checkpoints, `run.json`,
+to the data set's name) holding `metrics.jsonl`, TensorBoard events, checkpoints, `run.json`,
 `config.json`, `result.json` (final metrics) and `weights.npz` (see
 `snapshot`). A run whose `result.json` exists is skipped, and an interrupted
 one resumes from its checkpoint, so the command can simply be rerun.

@@ -1,6 +1,6 @@
 """Initial latent weights and never-flipped masks of a finished run (for Fig. 1a/b).
 
-The event files hold only ratios; the histogram of the paper's Fig. 1 needs,
+The logged metrics hold only ratios; the histogram of the paper's Fig. 1 needs,
 per binary weight, its latent value at initialisation and whether its sign
 ever changed. Both come from the train state: the initial one is rebuilt
 exactly as `train.train_and_evaluate` builds it (same config, same seed), the

@@ -183,7 +183,7 @@ def write_tables(workdir, out_dir, groups: Sequence[str] | None = None
   written = []
   runs = events.find_runs(workdir)
   if not runs:
-    raise FileNotFoundError(f"No runs (event files) under {workdir}.")
+    raise FileNotFoundError(f"No runs (metrics.jsonl files) under {workdir}.")
   for group, group_runs in events.group_runs(runs, groups).items():
     rows = [summarize_run(run) for run in group_runs]
     summary = aggregate(rows, SUMMARY_COLUMNS)
