@@ -9,6 +9,7 @@ run; SIGTERM to one process stops both at the same step with the preempted
 exit status; a killed process ends the other with a clear message.
 """
 
+import contextlib
 import os
 import pathlib
 import signal
@@ -171,17 +172,24 @@ LONG = RUNLOCAL + ["--config.num_train_steps=100000", "--config.log_every_steps=
                    "--config.checkpoint_every_steps=100000"]
 
 
-def test_sigterm_to_one_process_saves_one_step_on_both_and_resumes(tmp_path):
+@contextlib.contextmanager
+def training_pair(tmp_path):
+  """A long 2-process run, yielded once it trains; killed on the way out."""
   workdir, logs = tmp_path / "wd", tmp_path / "logs"
   logs.mkdir()
   procs = start_pair(workdir, LONG, logs)
   try:
     assert wait_for(logs / "p0.log", "train step ", LIMIT_S - 60), outputs(logs)[0][-3000:]
-    procs[1].send_signal(signal.SIGTERM)  # the launcher of process 1 only
-    rcs = [p.wait(timeout=LIMIT_S) for p in procs]
+    yield workdir, logs, procs
   finally:
     for p in procs:
       p.kill()
+
+
+def test_sigterm_to_one_process_saves_one_step_on_both_and_resumes(tmp_path):
+  with training_pair(tmp_path) as (workdir, logs, procs):
+    procs[1].send_signal(signal.SIGTERM)  # the launcher of process 1 only
+    rcs = [p.wait(timeout=LIMIT_S) for p in procs]
   out = outputs(logs)
   assert rcs == [preemption.EXIT_PREEMPTED] * 2, f"{rcs}\n" + out[0][-2000:] + out[1][-2000:]
   steps = set()
@@ -198,11 +206,7 @@ def test_sigterm_to_one_process_saves_one_step_on_both_and_resumes(tmp_path):
 
 
 def test_a_killed_process_ends_the_other_with_a_clear_message(tmp_path):
-  workdir, logs = tmp_path / "wd", tmp_path / "logs"
-  logs.mkdir()
-  procs = start_pair(workdir, LONG, logs)
-  try:
-    assert wait_for(logs / "p0.log", "train step ", LIMIT_S - 60), outputs(logs)[0][-3000:]
+  with training_pair(tmp_path) as (_, logs, procs):
     # Kill the trainer of process 1 (timeout -> supervisor -> trainer), as a lost host would.
     supervisor_pid = int(subprocess.check_output(["pgrep", "-P", str(procs[1].pid)]).split()[0])
     trainer_pid = int(subprocess.check_output(["pgrep", "-P", str(supervisor_pid)]).split()[0])
@@ -211,9 +215,6 @@ def test_a_killed_process_ends_the_other_with_a_clear_message(tmp_path):
     rc0 = procs[0].wait(timeout=150)
     waited = time.time() - killed_at
     rc1 = procs[1].wait(timeout=60)
-  finally:
-    for p in procs:
-      p.kill()
   out = outputs(logs)
   assert rc0 != 0 and rc1 != 0
   assert waited < 120, f"the survivor took {waited:.0f} s to stop"
