@@ -453,7 +453,7 @@ def steps_in_flight() -> int:
 
   On CPU, 1: XLA's CPU devices run their collectives on host threads, and
   with a second step queued, two processes of 2 devices each deadlocked in
-  about 1 of 15 runs here (with 16 queued, 1 of 2), never with 1. Elsewhere
+  about 1 of 15 runs here (with 16 queued, 1 of 2), in none of 10 with 1. Elsewhere
   2, so that the host prepares the next step while the accelerator computes.
   """
   return 1 if jax.default_backend() == "cpu" else 2
