@@ -20,8 +20,12 @@ def base_config() -> ml_collections.ConfigDict:
   # Data (see ovsw_jax/input_pipeline.py).
   c.dataset = "digits"
   c.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir.
+  c.tfds_name = ml_collections.config_dict.placeholder(str)  # default: per dataset.
   c.image_size = 224           # ImageNet crop size.
+  c.imagenet_lighting = "alexnet"  # ImageNet PCA lighting: "alexnet", "release" or "none".
   c.augment = True
+  c.num_workers = ml_collections.config_dict.placeholder(int)  # decode workers; None: auto.
+  c.prefetch = 2               # batches prepared ahead of the train step.
   # Model (see ovsw_jax/models).
   c.model = "resnet20"
   c.model_kwargs = ml_collections.ConfigDict()
@@ -35,8 +39,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.warmup_epochs = 5
   c.learning_rate = 0.1
   c.lr_schedule = "epoch_cosine"
-  c.optimizer = "sgd"
+  c.end_learning_rate = 1e-5   # the cosine's floor.
+  c.optimizer = "sgd"          # "sgd", "adam" or "adamw".
   c.momentum = 0.9
+  c.nesterov = False
+  c.adamw_decay = 1e-4         # adamw's decoupled decay (`weight_decay` is the L2 form).
   c.weight_decay = 5e-4
   c.wd_exclude_1d = False      # True: no weight decay on BatchNorm, biases, PReLU.
   c.label_smoothing = 0.0

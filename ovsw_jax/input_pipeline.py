@@ -322,7 +322,8 @@ def get_info(config) -> DatasetInfo:
 
 
 def _num_workers(config) -> int:
-  return max(1, int(config.get('num_workers', min(16, os.cpu_count() or 1))))
+  workers = config.get('num_workers', None)
+  return max(1, int(min(16, os.cpu_count() or 1) if workers is None else workers))
 
 
 def _run_ahead(make: Callable[[Any], dict], keys: Iterator[Any], depth: int,

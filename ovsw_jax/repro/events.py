@@ -97,7 +97,7 @@ def find_runs(root) -> list[Run]:
       match = _SEED_DIR.match(part)
       if match:
         seed = int(match.group(1)) if seed is None else seed
-      elif part in ARMS:
+      elif part in ARMS or part == arm:  # a directory named after the arm (or grid point)
         arm = part if arm is None else arm
       else:
         rest.append(part)

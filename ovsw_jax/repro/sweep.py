@@ -1,19 +1,27 @@
-"""Sweep of OvSW's two strengths, delta (AGS, the paper's lambda) and
-dampen_weight (SAD, the paper's gamma), on the embedded data set.
+"""The sweep entry point: train a grid over any config fields, then report it.
 
-  python -m ovsw_jax.repro.sweep --workdir=DIR [--deltas=0,0.04,0.12,0.36]
-      [--gammas=0,9e-4,9e-3,9e-2] [--epochs=40] [--seeds=1] [--set=KEY=VALUE ...]
-      [--report_only] [--out=DIR/sweep/report]
+  python -m ovsw_jax.repro.sweep --workdir=DIR --group=NAME
+      [--grid=KEY=V1,V2,... ...] [--seeds=1] [--epochs=40] [--arm=ovsw]
+      [--dataset=digits] [--set=KEY=VALUE ...] [--dry_run] [--report_only] [--out=DIR]
 
-A value of 0 turns that transform off, so the grid's first row is SAD only,
-its first column AGS only and its corner the vanilla BNN. Each point is a
-training workdir `DIR/<group>/delta=<d>,gamma=<g>/seed<k>` (see
-`run.train_one`; finished points are skipped). Writes to `--out` (default
-`DIR/<group>/report`): `sweep.csv` (one row per point, mean and std over
-seeds), `sweep.md` (grids of silent ratio, final test accuracy and peak
-per-epoch flip ratio) and `sweep_heatmap.png`. `--epochs` shortens the schedule to fit a CPU budget;
-the cosine schedule is stretched to it, so a point's numbers compare with
-the others of the sweep, not with full-length runs.
+Each `--grid` is one axis (see `grid.parse_axis`): `ovsw.delta=0.01,0.05`,
+linked fields `optimizer/learning_rate=sgd/0.1,adam/1e-3`, or the arm
+`arm=vanilla,ovsw`; the runs are the product of the axes and `--seeds`.
+Without `--grid` it is OvSW's two strengths, delta (AGS, the paper's lambda)
+x dampen_weight (SAD, the paper's gamma), from `--deltas` and `--gammas`; a
+value of 0 turns that transform off, so the first row is SAD only, the first
+column AGS only and the corner the vanilla BNN.
+
+Every (point, seed) is a training workdir `DIR/<group>/<point>/seed<k>`
+(finished points are skipped, interrupted ones resume, so the command can be
+rerun). `--set` applies to every point before the point's own fields.
+Writes to `--out` (default `DIR/<group>/report`): `grid.csv`, `grid.md` and
+`grid.png` (one row per point, mean and std over seeds; metrics against the
+first axis), the per-point curves and tables of `run.write_report`, and for
+a delta x gamma grid `sweep.csv`, `sweep.md` and `sweep_heatmap.png`.
+`--epochs` shortens the schedule to fit a CPU budget; the cosine schedule is
+stretched to it, so a point's numbers compare with the others of the sweep,
+not with full-length runs.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from typing import Sequence
 from absl import app, flags, logging
 import numpy as np
 
-from ovsw_jax.repro import events, run as run_lib, snapshot, tables
+from ovsw_jax.repro import events, grid, run as run_lib, snapshot, tables
 
 DELTAS = (0.0, 0.04, 0.12, 0.36)
 GAMMAS = (0.0, 9e-4, 9e-3, 9e-2)
@@ -37,8 +45,10 @@ def arm_of(delta: float, gamma: float) -> str:
           (True, True): "ovsw"}[(delta > 0, gamma > 0)]
 
 
-def point_name(delta: float, gamma: float) -> str:
-  return f"delta={delta:g},gamma={gamma:g}"
+def strength_axes(deltas: Sequence[float], gammas: Sequence[float]) -> list[grid.Axis]:
+  """The delta x dampen_weight grid as two axes."""
+  return [grid.Axis(("ovsw.delta",), tuple((float(d),) for d in deltas)),
+          grid.Axis(("ovsw.dampen_weight",), tuple((float(g),) for g in gammas))]
 
 
 def run_sweep(workdir, *, deltas: Sequence[float] = DELTAS, gammas: Sequence[float] = GAMMAS,
@@ -46,27 +56,11 @@ def run_sweep(workdir, *, deltas: Sequence[float] = DELTAS, gammas: Sequence[flo
               dataset: str = "digits", overrides: dict | None = None,
               report: bool = True) -> pathlib.Path:
   """Trains every (delta, gamma, seed) in turn; returns the sweep's directory."""
-  base = dict(run_lib.STUDY_OVERRIDES)
+  base = dict(overrides or {})
   if epochs:
-    base["num_epochs"] = epochs
-  base.update(overrides or {})
-  for delta in deltas:
-    for gamma in gammas:
-      arm = arm_of(delta, gamma)
-      for seed in seeds:
-        point = {**base, "ovsw.delta": float(delta), "ovsw.dampen_weight": float(gamma),
-                 "seed": seed}
-        config = run_lib.apply_overrides(run_lib.load_config(dataset, arm), point)
-        path = pathlib.Path(workdir, group, point_name(delta, gamma), f"seed{seed}")
-        info = {"arm": arm, "seed": seed, "dataset": dataset, "group": group,
-                "delta": float(delta), "gamma": float(gamma),
-                "overrides": {k: v for k, v in point.items()
-                              if not isinstance(v, (list, tuple))}}
-        result = run_lib.train_one(config, path, info)
-        print(f"[{group}] delta {delta:g} gamma {gamma:g} seed {seed}: test accuracy "
-              f"{result['eval_accuracy']:.4f}, silent ratio {result['silent_ratio']:.4f}",
-              flush=True)
-  sweep_dir = pathlib.Path(workdir, group)
+    base = {"num_epochs": epochs, **base}
+  sweep_dir = grid.run_grid(workdir, group, strength_axes(deltas, gammas), seeds=seeds,
+                            dataset=dataset, overrides=base)
   if report:
     write_report(sweep_dir, sweep_dir / "report")
   return sweep_dir
@@ -182,30 +176,53 @@ def write_report(sweep_dir, out_dir) -> list[pathlib.Path]:
   return [out_dir / "sweep.csv", out_dir / "sweep.md", out_dir / "sweep_heatmap.png"]
 
 
+def report_grid(group_dir, out_dir) -> list[pathlib.Path]:
+  """Every report of a grid: its table and figure, per-point curves, and the
+  delta x gamma heat map when those are its axes."""
+  keys, _ = grid.collect(group_dir)
+  written = grid.write_report(group_dir, out_dir)
+  run_lib.write_report(group_dir, out_dir, layers="last")
+  if sorted(keys) == ["ovsw.dampen_weight", "ovsw.delta"]:
+    written += write_report(group_dir, out_dir)
+  return written
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   if not f["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  sweep_dir = pathlib.Path(f.workdir, f.group)
+  group_dir = pathlib.Path(f.workdir, f.group)
   if not f.report_only:
-    run_sweep(f.workdir, deltas=[float(x) for x in f.deltas],
-              gammas=[float(x) for x in f.gammas], epochs=f.epochs or None,
-              seeds=range(f.seeds), group=f.group,
-              overrides=run_lib.parse_overrides(f.set), report=False)
-  for path in write_report(sweep_dir, f.out or sweep_dir / "report"):
+    if f.grid:
+      axes = [grid.parse_axis(spec) for spec in f.grid]
+    else:
+      axes = strength_axes([float(x) for x in f.deltas], [float(x) for x in f.gammas])
+    overrides = run_lib.parse_overrides(f.set)
+    if f.epochs:
+      overrides = {"num_epochs": f.epochs, **overrides}
+    grid.run_grid(f.workdir, f.group, axes, seeds=range(f.seeds), dataset=f.dataset,
+                  arm=f.arm, overrides=overrides, dry_run=f.dry_run)
+    if f.dry_run:
+      return
+  for path in report_grid(group_dir, f.out or group_dir / "report"):
     print(path)
 
 
 if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "Root directory of the runs.")
-  flags.DEFINE_list("deltas", [f"{d:g}" for d in DELTAS], "AGS deltas (0: AGS off).")
-  flags.DEFINE_list("gammas", [f"{g:g}" for g in GAMMAS], "SAD dampen_weights (0: off).")
+  flags.DEFINE_string("group", "sweep", "Subdirectory of this sweep's runs.")
+  flags.DEFINE_multi_string("grid", [], "An axis KEY=V1,V2 or K1/K2=A1/A2,B1/B2 (repeatable).")
+  flags.DEFINE_list("deltas", [f"{d:g}" for d in DELTAS], "Without --grid: AGS deltas (0: off).")
+  flags.DEFINE_list("gammas", [f"{g:g}" for g in GAMMAS],
+                    "Without --grid: SAD dampen_weights (0: off).")
   flags.DEFINE_float("epochs", 40, "Epochs per point (0: the config's).")
-  flags.DEFINE_integer("seeds", 1, "Seeds per point.")
-  flags.DEFINE_string("group", "sweep", "Subdirectory of the sweep's runs.")
-  flags.DEFINE_multi_string("set", [], "Config override KEY=VALUE (repeatable).")
+  flags.DEFINE_integer("seeds", 1, "Seeds per point (0, 1, ...).")
+  flags.DEFINE_string("arm", "ovsw", "Config switch of points without an arm axis.")
+  flags.DEFINE_enum("dataset", "digits", sorted(run_lib.CONFIG_MODULES), "Data set and config.")
+  flags.DEFINE_multi_string("set", [], "Config override KEY=VALUE for every point (repeatable).")
+  flags.DEFINE_bool("dry_run", False, "Print the runs' directories and stop.")
   flags.DEFINE_bool("report_only", False, "Only (re)write the report of finished points.")
   flags.DEFINE_string("out", None, "Report directory (default: WORKDIR/GROUP/report).")
   flags.mark_flags_as_required(["workdir"])
