@@ -23,6 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.tfds_name = ml_collections.config_dict.placeholder(str)  # default: per dataset.
   c.image_size = 224           # ImageNet crop size.
   c.imagenet_lighting = "alexnet"  # ImageNet PCA lighting: "alexnet", "release" or "none".
+  c.imagenet_decoder = "tf"    # ImageNet: "tf" (crop-window decode, uint8) or "pil".
   c.augment = True
   c.num_workers = ml_collections.config_dict.placeholder(int)  # decode workers; None: auto.
   c.prefetch = 2               # batches prepared ahead of the train step.
@@ -39,7 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.warmup_epochs = 5
   c.learning_rate = 0.1
   c.lr_schedule = "epoch_cosine"
-  c.end_learning_rate = 1e-5   # the cosine's floor.
+  c.end_learning_rate = 1e-5   # step_cosine's floor (epoch_cosine adds 1e-5, as the release).
   c.optimizer = "sgd"          # "sgd", "adam" or "adamw".
   c.momentum = 0.9
   c.nesterov = False

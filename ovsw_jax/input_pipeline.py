@@ -81,6 +81,7 @@ import numpy as np
 
 from ovsw_jax.data import augment as aug
 from ovsw_jax.data import sources
+from ovsw_jax.data import tf_images
 from ovsw_jax.data.sources import DatasetNotPreparedError
 
 __all__ = [
@@ -111,12 +112,16 @@ class DatasetInfo:
     num_train: examples in the training split.
     num_eval: examples in the evaluation split (test for digits and CIFAR,
       validation for ImageNet).
+    pixel_stats: `(mean, std)` per channel when the batches hold uint8 pixels
+      that the device normalises (`data.device.model_images`); None when the
+      pipeline ships normalised float32 images.
   """
   name: str
   num_classes: int
   image_shape: tuple[int, int, int]
   num_train: int
   num_eval: int
+  pixel_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -210,27 +215,69 @@ class _ArrayDataset:
       if self.flip:
         flips = rng.random(global_batch_size) < 0.5
         images = aug.hflip(images, flips[positions])
-    return self._normalize(images), self.train_labels[indices].astype(np.int32)
+    return {'image': self._normalize(images),
+            'label': self.train_labels[indices].astype(np.int32)}
 
   def eval_batch(self, indices, *, pool):
     del pool
-    return (self._normalize(self.test_images[indices]),
-            self.test_labels[indices].astype(np.int32))
+    return {'image': self._normalize(self.test_images[indices]),
+            'label': self.test_labels[indices].astype(np.int32)}
 
 
 class _SourceDataset:
-  """ImageNet: random-access sources, one example per task in a thread pool."""
+  """ImageNet: random-access sources; one batch decoded at a time.
+
+  `decoder='tf'` (the default): the host draws each example's crop box, flip
+  and lighting offset from its keyed generator (as the PIL transform does) and
+  `data.tf_images` decodes the batch in TF's threads, only the crop window,
+  into uint8; the lighting offset travels with the batch (`rgb_offset`) and
+  the device adds it and normalises. `decoder='pil'`: the whole transform in
+  PIL and NumPy, float32 normalised on the host (the earlier pipeline, kept
+  for comparison: benchmarks/input_pipeline.py).
+  """
 
   def __init__(self, info: DatasetInfo, train_source, eval_source, *,
-               image_size: int, lighting: str):
+               image_size: int, lighting: str, decoder: str = 'tf', workers: int = 1):
     self.info = info
     self.train_source, self.eval_source = train_source, eval_source
     self.image_size, self.lighting = image_size, lighting
+    self.decoder, self.workers = decoder, workers
+
+  @staticmethod
+  def _records(source, indices):
+    indices = [int(i) for i in indices]
+    getitems = getattr(source, '__getitems__', None)  # array_record reads a batch at once
+    if getitems is not None:
+      try:
+        return list(getitems(indices))
+      except TypeError:  # tfds's mock sources do not implement it
+        pass
+    return [source[i] for i in indices]
 
   def train_batch(self, indices, *, seed, step, global_batch_size, positions,
                   augment, pool):
     """Decodes and augments examples `indices`, example `p`'s rng keyed by p."""
     del global_batch_size
+    if self.decoder == 'pil':
+      return self._train_batch_pil(indices, seed=seed, step=step, positions=positions,
+                                   augment=augment, pool=pool)
+    records = self._records(self.train_source, indices)
+    images = [r['image'] for r in records]
+    labels = np.asarray([int(r['label']) for r in records], np.int32)
+    if not augment:
+      return {'image': tf_images.eval_batch(images, self.image_size, self.workers),
+              'label': labels, 'rgb_offset': np.zeros((len(images), 3), np.float32)}
+    boxes, flips, offsets = [], [], []
+    for image, position in zip(images, positions):
+      rng = np.random.default_rng([_AUGMENT_STREAM, seed, step, int(position)])
+      boxes.append(aug.random_resized_crop_params(rng, *tf_images.encoded_size(image)))
+      flips.append(rng.random() < 0.5)
+      offsets.append(aug.lighting_offset(rng, form=self.lighting))
+    return {'image': tf_images.train_batch(images, boxes, flips, self.image_size,
+                                           self.workers),
+            'label': labels, 'rgb_offset': np.stack(offsets).astype(np.float32)}
+
+  def _train_batch_pil(self, indices, *, seed, step, positions, augment, pool):
 
     def one(index, position):
       record = self.train_source[int(index)]
@@ -242,16 +289,21 @@ class _SourceDataset:
         image = aug.imagenet_eval_transform(record['image'], self.image_size)
       return image, int(record['label'])
 
-    return _stack(pool.map(one, indices, positions))
+    images, labels = _stack(pool.map(one, indices, positions))
+    return {'image': images, 'label': labels}
 
   def eval_batch(self, indices, *, pool):
-
-    def one(index):
-      record = self.eval_source[int(index)]
-      return (aug.imagenet_eval_transform(record['image'], self.image_size),
-              int(record['label']))
-
-    return _stack(pool.map(one, indices))
+    if self.decoder == 'pil':
+      def one(index):
+        record = self.eval_source[int(index)]
+        return (aug.imagenet_eval_transform(record['image'], self.image_size),
+                int(record['label']))
+      images, labels = _stack(pool.map(one, indices))
+      return {'image': images, 'label': labels}
+    records = self._records(self.eval_source, indices)
+    return {'image': tf_images.eval_batch([r['image'] for r in records], self.image_size,
+                                          self.workers),
+            'label': np.asarray([int(r['label']) for r in records], np.int32)}
 
 
 def _stack(pairs):
@@ -295,12 +347,16 @@ def _build(config):
   if lighting not in aug.LIGHTING_FORMS:
     raise ValueError(
         f'config.imagenet_lighting must be one of {aug.LIGHTING_FORMS}, got {lighting!r}')
+  decoder = str(config.get('imagenet_decoder', 'tf'))
+  if decoder not in ('tf', 'pil'):
+    raise ValueError(f"config.imagenet_decoder must be 'tf' or 'pil', got {decoder!r}")
   train_source = sources.open_tfds_source(tfds_name, 'train', data_dir)
   eval_source = sources.open_tfds_source(tfds_name, 'validation', data_dir)
+  stats = (aug.IMAGENET_MEAN, aug.IMAGENET_STD) if decoder == 'tf' else None
   info = DatasetInfo(name, _NUM_CLASSES[name], (image_size, image_size, 3),
-                     len(train_source), len(eval_source))
+                     len(train_source), len(eval_source), pixel_stats=stats)
   return _SourceDataset(info, train_source, eval_source, image_size=image_size,
-                        lighting=lighting)
+                        lighting=lighting, decoder=decoder, workers=_num_workers(config))
 
 
 def get_info(config) -> DatasetInfo:
@@ -394,10 +450,9 @@ def train_iterator(config, *, global_batch_size: int, start_step: int = 0,
       cached.clear()
       cached[epoch] = epoch_permutation(seed, epoch, num_train)
     indices = cached[epoch][k * global_batch_size + positions]
-    images, labels = dataset.train_batch(
+    return dataset.train_batch(
         indices, seed=seed, step=step, global_batch_size=global_batch_size,
         positions=positions, augment=augment, pool=pool)
-    return {'image': images, 'label': labels}
 
   def steps():
     step = start_step
@@ -432,10 +487,12 @@ def eval_iterator(config, *, global_batch_size: int, process_index: int = 0,
   def make(b, pool):
     positions = b * global_batch_size + offsets
     mask = positions < info.num_eval
-    image = np.zeros((local, *info.image_shape), np.float32)
+    dtype = np.float32 if info.pixel_stats is None else np.uint8
+    image = np.zeros((local, *info.image_shape), dtype)
     label = np.zeros((local,), np.int32)
     if mask.any():
-      image[mask], label[mask] = dataset.eval_batch(positions[mask], pool=pool)
+      batch = dataset.eval_batch(positions[mask], pool=pool)
+      image[mask], label[mask] = batch['image'], batch['label']
     return {'image': image, 'label': label, 'mask': mask}
 
   return _generate(make, iter(range(num_batches)), depth=depth,

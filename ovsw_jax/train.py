@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 from clu import metrics as clu_metrics, parameter_overview, periodic_actions
 
 from ovsw_jax import checkpointing, input_pipeline, metrics, models, preemption, run_log
+from ovsw_jax.data import device
 from ovsw_jax import workdir as workdir_lib
 from ovsw_jax.optim import binary_weight_mask
 from ovsw_jax.train_optimizer import create_learning_rate_fn, create_optimizer
@@ -107,17 +108,19 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, learning_rate_fn: optax.Schedule,
                num_classes: int, label_smoothing: float = 0.0,
-               axis_name: str | None = AXIS) -> tuple[TrainState, dict[str, jax.Array]]:
+               axis_name: str | None = AXIS, pixel_stats: Any = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimisation step (pure). Gradients and metrics are averaged over `axis_name`.
 
   BatchNorm statistics are averaged by the model itself (its `bn_axis_name`).
+  uint8 batches are normalised here (`pixel_stats`, see `data.device`).
   Returns the new state and this step's metrics (means over the global batch),
   including OvSW's measurements read from the optimizer state.
   """
   def loss_fn(params):
     logits, new_vars = model.apply(
-        {"params": params, "batch_stats": state.batch_stats}, batch["image"],
-        train=True, mutable=["batch_stats"])
+        {"params": params, "batch_stats": state.batch_stats},
+        device.model_images(batch, pixel_stats), train=True, mutable=["batch_stats"])
     loss = jnp.mean(cross_entropy(logits, batch["label"], num_classes, label_smoothing))
     return loss, (logits, new_vars.get("batch_stats", {}))
 
@@ -145,10 +148,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
-              num_classes: int, axis_name: str | None = AXIS) -> dict[str, jax.Array]:
+              num_classes: int, axis_name: str | None = AXIS,
+              pixel_stats: Any = None) -> dict[str, jax.Array]:
   """Sums of loss, correct top-1 / top-5 and example count over the real (unmasked) examples."""
   logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                       batch["image"], train=False)
+                       device.model_images(batch, pixel_stats), train=False)
   weight = batch["mask"].astype(jnp.float32)
   per_example = _classification_metrics(logits, batch["label"])
   sums = {
@@ -276,9 +280,10 @@ def _compile(run: Setup, config: ml_collections.ConfigDict, donate: bool) -> _Lo
   step = functools.partial(train_step, model=run.model, tx=run.tx,
                            learning_rate_fn=run.learning_rate_fn,
                            num_classes=run.info.num_classes,
-                           label_smoothing=config.label_smoothing, axis_name=AXIS)
+                           label_smoothing=config.label_smoothing, axis_name=AXIS,
+                           pixel_stats=run.info.pixel_stats)
   evaluate_ = functools.partial(eval_step, model=run.model, num_classes=run.info.num_classes,
-                                axis_name=AXIS)
+                                axis_name=AXIS, pixel_stats=run.info.pixel_stats)
 
   def start(state):
     return state.replace(flips=metrics.start_interval(state.flips, state.params, mask))

@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 
 from ovsw_jax import input_pipeline
+from ovsw_jax.data import device
 
 Predict = Callable[[np.ndarray], np.ndarray]
 
@@ -22,11 +23,13 @@ def evaluate(config: ml_collections.ConfigDict,
   """
   correct = {name: 0 for name in predictors}
   count, agree, max_diff = 0, 0, 0.0
+  stats = input_pipeline.get_info(config).pixel_stats
   for batch in input_pipeline.eval_iterator(
       config, global_batch_size=config.eval_batch_size, process_index=0, process_count=1):
     mask = np.asarray(batch["mask"], bool)
     labels = np.asarray(batch["label"])[mask]
-    logits = {name: np.asarray(fn(batch["image"]))[mask] for name, fn in predictors.items()}
+    images = np.asarray(device.model_images(batch, stats))
+    logits = {name: np.asarray(fn(images))[mask] for name, fn in predictors.items()}
     preds = {name: x.argmax(-1) for name, x in logits.items()}
     for name, p in preds.items():
       correct[name] += int(np.sum(p == labels))

@@ -1,0 +1,144 @@
+"""ImageNet decoding in TensorFlow's threads: only the crop window, uint8 out.
+
+Why: the PIL transform of `augment` decodes the whole JPEG, crops, resizes and
+normalises in float32 while holding the GIL for part of every image, so one
+process tops out at a few thousand images per second whatever its core
+count. Here the host only draws each example's random choices (the same
+draws, in the same order, from the same keyed generator as the PIL
+transform) and hands a whole batch to a `tf.data` map that runs in TF's own
+thread pool without the GIL:
+
+* training: `tf.io.decode_and_crop_jpeg` decodes only the crop box's
+  blocks, then a bilinear, antialiased resize to `size` (what PIL's bilinear
+  resize does), the flip, rounding to uint8;
+* evaluation: decode, resize the shorter side, centre crop, uint8.
+
+Lighting and normalisation are left to the device (`device_images`), so the
+host ships 1 byte per pixel instead of 4. Non-JPEG bytes (PNG, ...) take
+`decode_image` and are cropped after decoding; already decoded arrays (test
+doubles) go through the same ops one by one.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+
+import numpy as np
+from PIL import Image
+
+
+def _tf():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf
+
+
+def encoded_size(image) -> tuple[int, int]:
+  """(height, width) of encoded bytes (header only) or of a decoded array."""
+  if isinstance(image, (bytes, bytearray, np.bytes_)):
+    with Image.open(io.BytesIO(bytes(image))) as img:  # lazy: reads the header
+      width, height = img.size
+    return height, width
+  array = np.asarray(image)
+  return int(array.shape[0]), int(array.shape[1])
+
+
+def _to_uint8(tf, x):
+  return tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)
+
+
+def _decode_window(tf, data, box):
+  """RGB uint8 pixels of `box` = (top, left, h, w) of encoded `data`."""
+  def jpeg():
+    return tf.io.decode_and_crop_jpeg(data, box, channels=3)
+
+  def other():
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    return image[box[0]:box[0] + box[2], box[1]:box[1] + box[3]]
+  return tf.cond(tf.io.is_jpeg(data), jpeg, other)
+
+
+def _resize(tf, image, size):
+  return tf.image.resize(tf.cast(image, tf.float32), size, method="bilinear", antialias=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _train_fn(size: int, workers: int):
+  tf = _tf()
+
+  def one(data, box, flip):
+    x = _resize(tf, _decode_window(tf, data, box), (size, size))
+    x = tf.cond(flip, lambda: x[:, ::-1], lambda: x)
+    return _to_uint8(tf, x)
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string),
+                                tf.TensorSpec([None, 4], tf.int32),
+                                tf.TensorSpec([None], tf.bool)])
+  def batch(data, boxes, flips):
+    ds = tf.data.Dataset.from_tensor_slices((data, boxes, flips))
+    ds = ds.map(one, num_parallel_calls=workers, deterministic=True)
+    return ds.batch(tf.shape(data, out_type=tf.int64)[0]).get_single_element()
+  return batch
+
+
+def shorter_side_size(height: int, width: int, resize: int) -> tuple[int, int]:
+  """torchvision's `Resize(int)`: the shorter side to `resize`, the longer truncated."""
+  if width <= height:
+    return int(resize * height / width), resize
+  return resize, int(resize * width / height)
+
+
+@functools.lru_cache(maxsize=None)
+def _eval_fn(size: int, workers: int):
+  tf = _tf()
+  resize = int(round(256 * size / 224))
+
+  def one(data, hw):
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    x = _resize(tf, image, hw)
+    top = tf.cast(tf.round((tf.cast(hw[0], tf.float32) - size) / 2), tf.int32)
+    left = tf.cast(tf.round((tf.cast(hw[1], tf.float32) - size) / 2), tf.int32)
+    return _to_uint8(tf, x[top:top + size, left:left + size])
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string),
+                                tf.TensorSpec([None, 2], tf.int32)])
+  def batch(data, sizes):
+    ds = tf.data.Dataset.from_tensor_slices((data, sizes))
+    ds = ds.map(one, num_parallel_calls=workers, deterministic=True)
+    return ds.batch(tf.shape(data, out_type=tf.int64)[0]).get_single_element()
+  del resize
+  return batch
+
+
+def _as_bytes(images) -> list[bytes] | None:
+  if all(isinstance(x, (bytes, bytearray, np.bytes_)) for x in images):
+    return [bytes(x) for x in images]
+  return None
+
+
+def _encode_png(image) -> bytes:
+  array = np.asarray(image, np.uint8)
+  if array.ndim == 2:
+    array = np.stack([array] * 3, -1)
+  elif array.shape[-1] == 1:
+    array = np.repeat(array, 3, -1)
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format="PNG", compress_level=0)
+  return buffer.getvalue()
+
+
+def train_batch(images, boxes, flips, size: int, workers: int) -> np.ndarray:
+  """uint8 `(N, size, size, 3)`: each image's `box` (top, left, h, w), resized, flipped."""
+  data = _as_bytes(images) or [_encode_png(x) for x in images]  # arrays: test doubles
+  out = _train_fn(size, workers)(np.asarray(data, object), np.asarray(boxes, np.int32),
+                                 np.asarray(flips, bool))
+  return out.numpy()
+
+
+def eval_batch(images, size: int, workers: int) -> np.ndarray:
+  """uint8 `(N, size, size, 3)`: shorter side to 256/224 * size, centre crop."""
+  data = _as_bytes(images) or [_encode_png(x) for x in images]
+  resize = int(round(256 * size / 224))
+  sizes = [shorter_side_size(*encoded_size(x), resize) for x in data]
+  out = _eval_fn(size, workers)(np.asarray(data, object), np.asarray(sizes, np.int32))
+  return out.numpy()
