@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from ovsw_jax.repro import events, plots, run, snapshot, sweep, tables
+from ovsw_jax.repro import events, grid, memory, plots, run, snapshot, strengths, sweep, tables
 
 ARMS = ("vanilla", "ags", "sad", "ovsw")
 TINY = {"num_train_steps": 2, "model": "tiny", "model_kwargs": {}, "batch_size": 8,
@@ -110,3 +110,91 @@ def test_choose_layers():
   with pytest.raises(ValueError):
     plots.choose_layers(names, "nope")
   assert np.isnan(tables.mean_std([0.5])[1])
+
+
+# ---------------------------------------------------------------------------
+# The generic sweep (grid), memory per binary weight, strengths by summed lr.
+
+
+def test_grid_axes_parse_and_expand():
+  a = grid.parse_axis("ovsw.delta=0,0.05")
+  b = grid.parse_axis("optimizer/learning_rate=sgd/0.1,adam/1e-3")
+  assert a.keys == ("ovsw.delta",) and a.values == ((0,), (0.05,))
+  assert b.values == (("sgd", 0.1), ("adam", 0.001))
+  points = grid.points([a, b])
+  assert len(points) == 4 and points[1] == {"ovsw.delta": 0, "optimizer": "adam",
+                                            "learning_rate": 0.001}
+  assert grid.point_name(points[1]) == "ovsw.delta=0,optimizer=adam,learning_rate=0.001"
+  for bad in ("ovsw.delta", "a/b=1,2/3", "=1,2"):
+    with pytest.raises(ValueError):
+      grid.parse_axis(bad)
+
+
+def test_grid_point_config_zero_strength_turns_the_transform_off():
+  c = grid.point_config({"ovsw.delta": 0, "ovsw.dampen_weight": 9e-3}, dataset="digits",
+                        arm="ovsw", base={})
+  assert not c.ovsw.ags and c.ovsw.sad and c.ovsw.dampen_weight == 9e-3
+  c = grid.point_config({"arm": "vanilla", "optimizer": "adam"}, dataset="digits",
+                        arm="ovsw", base={"num_epochs": 3})
+  assert not c.ovsw.ags and not c.ovsw.sad and c.optimizer == "adam" and c.num_epochs == 3
+  with pytest.raises(KeyError):
+    grid.point_config({"no_such_field": 1}, dataset="digits", arm="ovsw", base={})
+
+
+def test_grid_runs_report_and_resume(tmp_path):
+  axes = [grid.parse_axis("optimizer/learning_rate=sgd/0.1,adam/1e-3")]
+  group_dir = grid.run_grid(tmp_path, "g", axes, seeds=[0], overrides=TINY)
+  assert sorted(p.name for p in group_dir.iterdir()) == [
+      "optimizer=adam,learning_rate=0.001", "optimizer=sgd,learning_rate=0.1"]
+  written = sweep.report_grid(group_dir, tmp_path / "report")
+  rows = read_csv(tmp_path / "report" / "grid.csv")
+  assert {(r["optimizer"], float(r["learning_rate"])) for r in rows} == {
+      ("sgd", 0.1), ("adam", 1e-3)}
+  for r in rows:
+    assert r["n"] == "1" and 0.0 <= float(r["silent_ratio_mean"]) <= 1.0
+    assert 0.0 <= float(r["final_accuracy_mean"]) <= 1.0
+  assert "| optimizer | learning_rate | seeds |" in (tmp_path / "report" / "grid.md").read_text()
+  assert (tmp_path / "report" / "grid.png").stat().st_size > 5000
+  assert (tmp_path / "report" / "curves.png").exists()
+  assert not any(p.name.startswith("sweep") for p in written)  # no delta x gamma heat map
+  # Rerun: every point is finished, nothing trains again.
+  before = {p: p.stat().st_mtime for p in group_dir.rglob("result.json")}
+  assert len(before) == 2
+  grid.run_grid(tmp_path, "g", axes, seeds=[0], overrides=TINY)
+  assert before == {p: p.stat().st_mtime for p in group_dir.rglob("result.json")}
+
+
+def test_memory_per_binary_weight_from_the_state():
+  config = run.load_config("digits", "ovsw")
+  f32 = np.dtype(np.float32).itemsize
+  for optimizer, moments in (("sgd", 1), ("adam", 2)):
+    config.optimizer = optimizer
+    m = memory.measure(memory.abstract_state(config))
+    # Counted from the model's conv shapes, independently of the mask code.
+    assert m["binary_weights"] > 100_000
+    assert m["latent"] == f32 and m["optimizer"] == moments * f32
+    # SAD: a float32 tracker and 2 bits of packed sign per weight; the release:
+    # a float32 previous weight and a float32 tracker. (Ours also holds a
+    # float32 silent fraction per layer and pads each layer's packed signs.)
+    assert m["ovsw"] == pytest.approx(f32 + 2 / 8, rel=1e-3)
+    assert m["ovsw_release"] == 2 * f32
+  config.ovsw.sad = False  # AGS alone keeps no per-weight state
+  assert memory.measure(memory.abstract_state(config))["ovsw"] == pytest.approx(0.0)
+
+
+def test_summed_learning_rate_and_matched_strengths():
+  config = run.load_config("digits", "ovsw")
+  spe, epochs, warmup, lr0 = 22, int(config.num_epochs), int(config.warmup_epochs), 0.1
+  # The release's per-epoch schedule, summed by hand.
+  per_epoch = [lr0 * (e + 1) / warmup if e < warmup else
+               0.5 * (1 + math.cos(math.pi * (e - warmup) / (epochs - warmup))) * lr0 + 1e-5
+               for e in range(epochs)]
+  assert strengths.summed_learning_rate(config, spe) == pytest.approx(spe * sum(per_epoch),
+                                                                      rel=1e-5)
+  longer = run.apply_overrides(config, {"num_epochs": 2 * epochs, "lr_schedule": "constant"})
+  short = run.apply_overrides(config, {"lr_schedule": "constant"})
+  assert strengths.summed_learning_rate(longer, spe) == pytest.approx(2 * epochs * spe * lr0)
+  m = strengths.matched_strengths(longer, short, steps_per_epoch_=spe,
+                                  reference_steps_per_epoch=spe)
+  assert m["delta"] == pytest.approx(config.ovsw.delta / 2)
+  assert m["dampen_weight"] == pytest.approx(config.ovsw.dampen_weight / 2)
