@@ -179,7 +179,7 @@ def test_memory_per_binary_weight_from_the_state():
     assert m["ovsw"] == pytest.approx(f32 + 2 / 8, rel=1e-3)
     assert m["ovsw_release"] == 2 * f32
   config.ovsw.sad = False  # AGS alone keeps no per-weight state
-  assert memory.measure(memory.abstract_state(config))["ovsw"] == pytest.approx(0.0)
+  assert memory.measure(memory.abstract_state(config))["ovsw"] < 1e-3  # a scalar per layer
 
 
 def test_summed_learning_rate_and_matched_strengths():
