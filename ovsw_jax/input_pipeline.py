@@ -245,14 +245,8 @@ class _SourceDataset:
 
   @staticmethod
   def _records(source, indices):
-    indices = [int(i) for i in indices]
-    getitems = getattr(source, '__getitems__', None)  # array_record reads a batch at once
-    if getitems is not None:
-      try:
-        return list(getitems(indices))
-      except TypeError:  # tfds's mock sources do not implement it
-        pass
-    return [source[i] for i in indices]
+    # One by one: tfds's batched `__getitems__` measured 1.7x slower per record.
+    return [source[int(i)] for i in indices]
 
   def train_batch(self, indices, *, seed, step, global_batch_size, positions,
                   augment, pool):
