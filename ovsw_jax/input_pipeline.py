@@ -43,7 +43,11 @@ Datasets (`config.dataset`):
   `image_size` with scale (0.08, 1.25) and ratio (3/4, 4/3), horizontal flip,
   PCA lighting noise (std 0.1), normalisation with mean (0.485, 0.456, 0.406)
   and std (0.229, 0.224, 0.225). Evaluation: shorter side resized to
-  `round(256 * image_size / 224)`, centre crop `image_size`.
+  `round(256 * image_size / 224)`, centre crop `image_size`. With the default
+  decoder ('tf', `data.tf_images`) batches hold uint8 pixels of the crop (only
+  the crop window is decoded) and each example's lighting offset in
+  `rgb_offset`; the device adds it and normalises (`data.device`, from
+  `DatasetInfo.pixel_stats`). With 'pil' they hold normalised float32 images.
 
 tfds is always called with `download=False`; an unprepared dataset raises
 `DatasetNotPreparedError`, whose message gives the commands that prepare it.
@@ -62,8 +66,10 @@ Config fields read (an `ml_collections.ConfigDict`):
 * `imagenet_lighting` (str, default 'alexnet'): PCA lighting form, 'alexnet'
   (the standard one), 'release' (the authors' `ColorAugmentation`, whose matrix
   pairs eigenvalues with rows; see `data.augment.lighting_offset`) or 'none'.
-* `num_workers` (int, default min(16, CPUs)): threads that decode and augment
-  ImageNet examples.
+* `imagenet_decoder` (str, default 'tf'): 'tf' (crop-window decode in TF's
+  threads, uint8 batches) or 'pil' (PIL and NumPy, float32 batches).
+* `num_workers` (int or None, default None = min(16, CPUs)): decode threads
+  for ImageNet (tf.data map parallelism, or the PIL thread pool).
 * `prefetch` (int, default 2): batches computed ahead in a background thread.
   Batches depend only on their step, so prefetching changes no value.
 """
