@@ -40,6 +40,12 @@ CHANGEABLE = (
 )
 
 
+_ABSENT = "<absent>"
+# Dicts whose keys the user chooses (model settings): a key missing from the
+# record there is a change, never a field declared since the record was written.
+FREE_FORM = ("model_kwargs.",)
+
+
 class ConfigMismatchError(ValueError):
   """The config differs from the workdir's record in a field that changes the run."""
 
@@ -73,8 +79,8 @@ def _changeable(key: str) -> bool:
 def config_changes(recorded: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple]:
   """`{field: (recorded, current)}` for every dotted field that differs."""
   a, b = _flat(recorded), _flat(current)
-  return {k: (a.get(k, "<absent>"), b.get(k, "<absent>"))
-          for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")}
+  return {k: (a.get(k, _ABSENT), b.get(k, _ABSENT))
+          for k in sorted(set(a) | set(b)) if a.get(k, _ABSENT) != b.get(k, _ABSENT)}
 
 
 def _write_atomically(path: epath.Path, text: str) -> None:
@@ -105,7 +111,16 @@ def check_config(workdir: str, config: ml_collections.ConfigDict, *, has_checkpo
       logging.warning("%s is not valid JSON; recording the current config.", path)
     if recorded is not None:
       changes = config_changes(recorded, current)
-      blocking = {k: v for k, v in changes.items() if not _changeable(k)}
+      # A field absent from the record did not exist when the run started (the
+      # record predates it): it takes its value now, with a warning.
+      added = {k: b for k, (a, b) in changes.items()
+               if a == _ABSENT and not k.startswith(FREE_FORM)}
+      if added:
+        logging.warning("Fields not in the workdir's record (added since it was written), "
+                        "taken as they are now: %s",
+                        "; ".join(f"{k}={v!r}" for k, v in added.items()))
+      blocking = {k: v for k, v in changes.items()
+                  if not _changeable(k) and k not in added}
       if blocking and not allow_change:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in blocking.items())
         raise ConfigMismatchError(

@@ -87,6 +87,24 @@ def test_allow_config_change_continues(run_dir):
   assert np.isfinite(result["eval_loss"]) and steps_on_disk(run_dir) == [2, 4, 6]
 
 
+def test_a_record_from_before_a_field_existed_resumes(run_dir, caplog):
+  # A workdir written by an older version lacks fields declared since: they
+  # are taken as they are now, with a warning; a real change still stops.
+  path = run_dir / workdir.CONFIG_FILE
+  recorded = json.loads(path.read_text())
+  del recorded["nesterov"], recorded["imagenet_decoder"]
+  path.write_text(json.dumps(recorded))
+  caplog.set_level("WARNING")
+  result = train.train_and_evaluate(runlocal(num_train_steps=6), str(run_dir))
+  assert np.isfinite(result["eval_loss"]) and steps_on_disk(run_dir) == [2, 4, 6]
+  assert "nesterov=False" in caplog.text and "imagenet_decoder='tf'" in caplog.text
+  recorded = json.loads(path.read_text())
+  del recorded["nesterov"]
+  path.write_text(json.dumps(recorded))
+  with pytest.raises(workdir.ConfigMismatchError, match="optimizer"):
+    train.train_and_evaluate(runlocal(num_train_steps=8, optimizer="adam"), str(run_dir))
+
+
 def test_a_checkpoint_of_another_state_is_an_error_not_a_restart(run_dir):
   (run_dir / workdir.CONFIG_FILE).unlink()  # no record to catch it first
   with pytest.raises(checkpointing.CheckpointMismatchError, match="another state"):
