@@ -62,6 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.distributed_init = False   # call jax.distributed.initialize() (multi-host).
+  # How the step runs on every device (ovsw_jax/parallel.py): "pmap", or "jit"
+  # (jax.jit of shard_map over a mesh of all devices). Same state either way.
+  c.parallelism = "pmap"
   return c
 
 

@@ -1,9 +1,11 @@
-"""Training and evaluation: a pure train step under `jax.pmap`, orbax checkpoints, clu metrics.
+"""Training and evaluation: a pure data-parallel train step, orbax checkpoints, clu metrics.
 
 The shape follows flax's `examples/imagenet`: `create_train_state`, a pure
 `train_step(state, batch, ...)` that knows of parallelism only its
 `axis_name`, `eval_step`, and `train_and_evaluate(config, workdir)`, which
-resumes automatically from the newest checkpoint in `workdir`.
+resumes automatically from the newest checkpoint in `workdir`. The step runs
+on every device under `jax.pmap` or `jax.jit` (`config.parallelism`, see
+`ovsw_jax.parallel`).
 """
 
 
@@ -15,7 +17,6 @@ from typing import Any, Callable, NamedTuple
 
 import flax
 import flax.linen as nn
-from flax import jax_utils
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -24,7 +25,8 @@ import optax
 from jax.experimental import multihost_utils
 from clu import metrics as clu_metrics, parameter_overview, periodic_actions
 
-from ovsw_jax import checkpointing, input_pipeline, metrics, models, preemption, run_log
+from ovsw_jax import checkpointing, input_pipeline, metrics, models, parallel, preemption
+from ovsw_jax import run_log
 from ovsw_jax.data import device
 from ovsw_jax import workdir as workdir_lib
 from ovsw_jax.optim import binary_weight_mask
@@ -164,25 +166,18 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modul
   return jax.lax.psum(sums, axis_name) if axis_name is not None else sums
 
 
-def _shard(batch: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
-  """Reshapes a host batch to `(local_devices, per_device, ...)` for pmap."""
-  def reshape(x):
-    if x.shape[0] % n:
-      raise ValueError(f"A batch of {x.shape[0]} does not split over {n} local devices: "
-                       "make the batch size a multiple of the device count.")
-    return x.reshape((n, -1) + x.shape[1:])
-  return jax.tree.map(reshape, batch)
-
-
 def evaluate(p_eval_step: Callable, state: TrainState, config: ml_collections.ConfigDict,
-             global_batch_size: int) -> dict[str, float]:
-  """One exact pass over the evaluation split (no example dropped or counted twice)."""
+             global_batch_size: int, scheme: parallel.Pmap | parallel.Jit) -> dict[str, float]:
+  """One exact pass over the evaluation split (no example dropped or counted twice).
+
+  `p_eval_step` is `eval_step` compiled by `scheme`, `state` replicated by it.
+  """
   totals = None
   for batch in input_pipeline.eval_iterator(
       config, global_batch_size=global_batch_size,
       process_index=jax.process_index(), process_count=jax.process_count()):
-    sums = p_eval_step(state, _shard(batch, jax.local_device_count()))
-    sums = jax.tree.map(lambda x: np.asarray(x)[0], sums)
+    sums = scheme.unreplicate(p_eval_step(state, scheme.shard(batch)))
+    sums = jax.tree.map(np.asarray, sums)
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
   count = max(float(totals["count"]), 1.0)
   return {"eval_loss": float(totals["loss"]) / count,
@@ -202,6 +197,7 @@ def instruments(state: TrainState) -> dict[str, float]:
 
 
 def _check_config(config: ml_collections.ConfigDict, devices: int) -> None:
+  parallel.check(config.get("parallelism", "pmap"))
   for name in ("batch_size", "eval_batch_size"):
     value = config[name]
     if value <= 0 or value % (devices * jax.process_count()):
@@ -264,18 +260,21 @@ def _check_finite(host_state: TrainState, step: int, last_saved: int | None) -> 
 
 
 class _Loop(NamedTuple):
-  """The compiled, per-device functions of a run (pmap over local devices)."""
+  """The compiled, per-device functions of a run and the scheme that runs them."""
   train: Callable
   eval: Callable
   start_interval: Callable
+  scheme: parallel.Pmap | parallel.Jit
 
 
 def _compile(run: Setup, config: ml_collections.ConfigDict, donate: bool) -> _Loop:
-  """pmapped train / eval / interval steps over a state replicated on every device.
+  """Train / eval / interval steps on every device, as `config.parallelism` says.
 
-  The state is replicated explicitly (a leading device axis, `in_axes=0`), so
-  donating it lets every device reuse its own state buffers for the new state.
+  The state is replicated on every device (under pmap with a leading device
+  axis), so donating it lets every device reuse its own state buffers for
+  the new state.
   """
+  scheme = parallel.create(config.get("parallelism", "pmap"), AXIS)
   mask = binary_weight_mask(run.initial_state.params)
   step = functools.partial(train_step, model=run.model, tx=run.tx,
                            learning_rate_fn=run.learning_rate_fn,
@@ -288,19 +287,16 @@ def _compile(run: Setup, config: ml_collections.ConfigDict, donate: bool) -> _Lo
   def start(state):
     return state.replace(flips=metrics.start_interval(state.flips, state.params, mask))
   return _Loop(
-      train=jax.pmap(step, axis_name=AXIS, donate_argnums=(0,) if donate else ()),
-      eval=jax.pmap(evaluate_, axis_name=AXIS),
-      start_interval=jax.pmap(start, axis_name=AXIS))
+      train=scheme.compile(step, donate=donate),
+      eval=scheme.compile(evaluate_),
+      start_interval=scheme.compile(start, batches=0),
+      scheme=scheme)
 
 
 def _num_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
   if config.get("num_train_steps", -1) > 0:
     return int(config.num_train_steps)
   return int(config.num_epochs * steps_per_epoch)
-
-
-def _first(x):
-  return np.asarray(x)[0]
 
 
 @contextlib.contextmanager
@@ -344,7 +340,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 def _train(config: ml_collections.ConfigDict, workdir: str, *, donate: bool,
            allow_config_change: bool) -> dict[str, float]:
-  n_local = jax.local_device_count()
   run = setup(config)
   num_steps = _num_steps(config, run.steps_per_epoch)
 
@@ -368,11 +363,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, donate: bool,
       parameter_overview.log_parameter_overview(state.params)
 
   loop = _compile(run, config, donate)
-  rstate = jax_utils.replicate(state)
+  scheme = loop.scheme
+  rstate = scheme.replicate(state)
   del state
 
   def host_state():
-    return jax.device_get(jax_utils.unreplicate(rstate))
+    return jax.device_get(scheme.unreplicate(rstate))
 
   def save(step, force=False):
     nonlocal last_saved
@@ -382,7 +378,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, donate: bool,
     last_saved = step
 
   def evaluate_now():
-    summary = evaluate(loop.eval, rstate, config, config.eval_batch_size)
+    summary = evaluate(loop.eval, rstate, config, config.eval_batch_size, scheme)
     summary.update(instruments(host_state()))
     return summary
 
@@ -405,8 +401,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, donate: bool,
                run.steps_per_epoch, start_step)
   with preemption.Preemption() as preempt:
     for step in range(start_step, num_steps):
-      batch = _shard(next(train_iter), n_local)
+      batch = scheme.shard(next(train_iter))
       rstate, step_metrics = loop.train(rstate, batch)
+      step_metrics = scheme.unreplicate(step_metrics)
       done = step + 1
       # Bounded steps in flight: reading a step's loss blocks until it is done,
       # and every loss is checked. See `steps_in_flight`.
@@ -416,7 +413,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, donate: bool,
         _check_loss(*previous)
       previous = (done, step_metrics)
       update = TrainMetrics.single_from_model_output(
-          **{k: step_metrics[k][0] for k in ("loss", "accuracy", "top5", "step_flip_ratio")})
+          **{k: step_metrics[k] for k in ("loss", "accuracy", "top5", "step_flip_ratio")})
       train_metrics = update if train_metrics is None else train_metrics.merge(update)
       for hook in hooks:
         hook(done)
@@ -424,10 +421,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, donate: bool,
       last = done == num_steps
       if done % log_every == 0 or last:
         summary = {f"train_{k}": float(v) for k, v in train_metrics.compute().items()}
-        summary["learning_rate"] = float(_first(step_metrics["learning_rate"]))
+        summary["learning_rate"] = float(step_metrics["learning_rate"])
         for key in ("silent_fraction", "scaled_fraction"):
           if key in step_metrics:
-            summary[key] = float(_first(step_metrics[key]))
+            summary[key] = float(step_metrics[key])
         writer.write_scalars(done, summary)
         train_metrics = None
       if done % eval_every == 0 or last:
@@ -465,7 +462,7 @@ def steps_in_flight() -> int:
 
 
 def _check_loss(step: int, step_metrics: dict[str, jax.Array]) -> None:
-  loss = float(_first(step_metrics["loss"]))
+  loss = float(step_metrics["loss"])
   if not math.isfinite(loss):
     raise NonFiniteLossError(
         f"Loss became {loss} at step {step}; nothing of that step was saved. Lower "

@@ -37,6 +37,7 @@ CHANGEABLE = (
     "learning_rate", "lr_schedule", "warmup_epochs", "num_epochs", "num_train_steps",
     "log_every_steps", "eval_every_epochs", "checkpoint_every_steps", "keep_checkpoints",
     "eval_batch_size", "data_dir", "distributed_init", "num_workers", "prefetch",
+    "parallelism",
 )
 
 

@@ -1,6 +1,6 @@
 """End-to-end training: every data path for a few steps, metrics, resume, errors.
 
-Runs under 2 host CPU devices (tests/conftest.py), so the pmap path splits the
+Runs under 4 host CPU devices (tests/conftest.py), so the pmap path splits the
 batch and averages gradients and BatchNorm statistics across devices.
 """
 
