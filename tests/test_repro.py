@@ -198,3 +198,6 @@ def test_summed_learning_rate_and_matched_strengths():
                                   reference_steps_per_epoch=spe)
   assert m["delta"] == pytest.approx(config.ovsw.delta / 2)
   assert m["dampen_weight"] == pytest.approx(config.ovsw.dampen_weight / 2)
+  m = strengths.matched_strengths(longer, short, exponent=0.5, steps_per_epoch_=spe,
+                                  reference_steps_per_epoch=spe)
+  assert m["delta"] == pytest.approx(config.ovsw.delta / math.sqrt(2))

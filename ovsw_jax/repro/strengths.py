@@ -26,6 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# See the module docstring: 1 keeps strength x summed learning rate; 0.5 keeps
+# strength x sqrt(summed learning rate).
+EXPONENT = 1.0
+
 
 def steps_per_epoch(config) -> int:
   """As the trainer counts them: training examples // global batch size."""
@@ -45,14 +49,15 @@ def summed_learning_rate(config, steps_per_epoch_: int | None = None) -> float:
   return float(np.sum(np.asarray(lrs, np.float64)))
 
 
-def matched_strengths(config, reference, *, steps_per_epoch_: int | None = None,
+def matched_strengths(config, reference, *, exponent: float = EXPONENT,
+                      steps_per_epoch_: int | None = None,
                       reference_steps_per_epoch: int | None = None) -> dict[str, float]:
-  """delta and dampen_weight for `config` that give `reference`'s summed effect."""
+  """delta and dampen_weight for `config`: the reference's times `(S_ref / S) ** exponent`."""
   s = summed_learning_rate(config, steps_per_epoch_)
   s_ref = summed_learning_rate(reference, reference_steps_per_epoch)
   if not (s > 0 and math.isfinite(s)):
     raise ValueError(f"The run's summed learning rate is {s}: no strength can match it.")
-  ratio = s_ref / s
+  ratio = (s_ref / s) ** exponent
   return {"summed_lr": s, "reference_summed_lr": s_ref, "ratio": ratio,
           "delta": float(reference.ovsw.delta) * ratio,
           "dampen_weight": float(reference.ovsw.dampen_weight) * ratio}
@@ -67,7 +72,7 @@ def main(argv):
   reference = run_lib.apply_overrides(run_lib.load_config(f.dataset, "ovsw"),
                                       run_lib.parse_overrides(f.reference_set))
   target = run_lib.apply_overrides(reference, run_lib.parse_overrides(f.set))
-  m = matched_strengths(target, reference)
+  m = matched_strengths(target, reference, exponent=f.exponent)
   print(f"reference: delta {reference.ovsw.delta:g}, dampen_weight "
         f"{reference.ovsw.dampen_weight:g}, summed learning rate {m['reference_summed_lr']:.4g}")
   print(f"this run:  summed learning rate {m['summed_lr']:.4g} "
@@ -82,4 +87,5 @@ if __name__ == "__main__":
   flags.DEFINE_enum("dataset", "digits", sorted(_run.CONFIG_MODULES), "Data set and config.")
   flags.DEFINE_multi_string("reference_set", [], "Override of the reference config KEY=VALUE.")
   flags.DEFINE_multi_string("set", [], "Override of the target run KEY=VALUE, e.g. num_epochs=160.")
+  flags.DEFINE_float("exponent", EXPONENT, "Strengths scale as (S_ref / S) ** exponent.")
   app.run(main)
