@@ -194,10 +194,10 @@ def test_summed_learning_rate_and_matched_strengths():
   longer = run.apply_overrides(config, {"num_epochs": 2 * epochs, "lr_schedule": "constant"})
   short = run.apply_overrides(config, {"lr_schedule": "constant"})
   assert strengths.summed_learning_rate(longer, spe) == pytest.approx(2 * epochs * spe * lr0)
-  m = strengths.matched_strengths(longer, short, steps_per_epoch_=spe,
+  m = strengths.matched_strengths(longer, short, exponent=1.0, steps_per_epoch_=spe,
                                   reference_steps_per_epoch=spe)
   assert m["delta"] == pytest.approx(config.ovsw.delta / 2)
   assert m["dampen_weight"] == pytest.approx(config.ovsw.dampen_weight / 2)
-  m = strengths.matched_strengths(longer, short, exponent=0.5, steps_per_epoch_=spe,
+  m = strengths.matched_strengths(longer, short, steps_per_epoch_=spe,
                                   reference_steps_per_epoch=spe)
   assert m["delta"] == pytest.approx(config.ovsw.delta / math.sqrt(2))
