@@ -31,7 +31,7 @@ from ovsw_jax.optim.chain import binary_weight_mask
 from ovsw_jax.optim.ags import ScaleByAgsState
 from ovsw_jax.optim.sad import AddSadPenaltyState
 
-# (name, config module, arm, dataset info (num_classes, image shape) or None to read it)
+# (name, config module, dataset info (num_classes, image shape) or None to read it)
 SETTINGS = (("digits ResNet (default)", "default", None),
             ("ImageNet ResNet-18", "imagenet_r18", (1000, (224, 224, 3))))
 PARTS = ("latent", "optimizer", "ovsw", "flips")
@@ -117,26 +117,23 @@ def table(rows: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _config(module: str):
+  """`configs/<module>.py`'s OvSW config (the repository's configs, as `run` loads them)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  from ovsw_jax.repro import run as run_lib  # pylint: disable=g-import-not-at-top
+  run_lib.load_config("digits", "ovsw")  # puts the repository's configs on the path
+  return importlib.import_module(f"configs.{module}").get_config("ovsw")
+
+
 def measure_all() -> list[dict]:
-  # pylint: disable=g-import-not-at-top
-  from ovsw_jax.repro import run as run_lib
   rows = []
   for setting, module, info in SETTINGS:
     for optimizer in ("sgd", "adam"):
-      config = run_lib.load_config("digits", "ovsw") if module == "default" else None
-      if config is None:
-        config = _load_module(module)
+      config = _config(module)
       config.optimizer = optimizer
       rows.append({"setting": setting, "optimizer_name": optimizer,
                    **measure(abstract_state(config, info))})
   return rows
-
-
-def _load_module(name: str):
-  import importlib  # pylint: disable=g-import-not-at-top
-  from ovsw_jax.repro import run as run_lib  # pylint: disable=g-import-not-at-top
-  run_lib.load_config("digits", "ovsw")  # puts the repository's configs on the path
-  return importlib.import_module(f"configs.{name}").get_config("ovsw")
 
 
 def main(argv):
