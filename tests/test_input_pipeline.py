@@ -479,3 +479,32 @@ def test_encoded_size_reads_the_header():
     Image.fromarray(img).save(buffer, format=fmt)
     assert tf_images.encoded_size(buffer.getvalue()) == (37, 53)
   assert tf_images.encoded_size(img) == (37, 53)
+
+
+def test_tf_train_batch_flip_commutes_with_the_resize():
+  """The TF decoder flips the uint8 crop before the resize (cheaper than after):
+  the result must be the mirror of the unflipped one, and the crop's pixels
+  resized by an independent bilinear formula (numpy, half-pixel centres)."""
+  rng = np.random.default_rng(0)
+  img = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+  buffer = io.BytesIO()
+  Image.fromarray(img).save(buffer, format='PNG')  # lossless: pixels known exactly
+  data = buffer.getvalue()
+  box = (3, 5, 30, 37)  # top, left, height, width
+  out = tf_images.train_batch([data, data], [box, box], [False, True], 16, workers=2)
+  np.testing.assert_array_equal(out[1], out[0][:, ::-1])
+
+  crop = img[3:33, 5:42].astype(np.float64)
+
+  def coords(n_out, n_in):
+    src = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
+    src = np.clip(src, 0, n_in - 1)
+    lo = np.floor(src).astype(int)
+    return lo, np.minimum(lo + 1, n_in - 1), src - lo
+
+  y0, y1, fy = coords(16, 30)
+  x0, x1, fx = coords(16, 37)
+  rows = crop[y0] * (1 - fy)[:, None, None] + crop[y1] * fy[:, None, None]
+  expected = rows[:, x0] * (1 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]
+  assert out.dtype == np.uint8
+  assert np.abs(out[0].astype(int) - np.round(expected)).max() <= 1

@@ -9,9 +9,10 @@ transform) and hands a whole batch to a `tf.data` map that runs in TF's own
 thread pool without the GIL:
 
 * training: `tf.io.decode_and_crop_jpeg` decodes only the crop box's
-  blocks, then a bilinear resize to `size`, the flip, rounding to uint8;
-* evaluation: decode, resize the shorter side (antialiased, as PIL), centre
-  crop, uint8.
+  blocks, the flip (in uint8), then a bilinear resize to `size`, rounding
+  to uint8;
+* evaluation: decode, resize the shorter side (antialiased, as PIL) and
+  centre crop in one op, uint8.
 
 Lighting and normalisation are left to the device (`device_images`), so the
 host ships 1 byte per pixel instead of 4. Non-JPEG bytes (PNG, ...) take
@@ -58,12 +59,13 @@ def _decode_window(tf, data, box):
   return tf.cond(tf.io.is_jpeg(data), jpeg, other)
 
 
-def _resize(tf, image, size, antialias):
-  """Bilinear. Antialiasing is what PIL's resize does when it shrinks; in
-  training it cost 2.7x the plain resize, more than the decode, and changes
-  little: a random ImageNet crop is shrunk by at most about 2x. Evaluation
-  keeps it, to match the release's validation pixels."""
-  return tf.image.resize(image, size, method="bilinear", antialias=antialias)
+def _resize(tf, image, size):
+  """Plain bilinear (half-pixel centres). Antialiasing is what PIL's resize does
+  when it shrinks; in training it cost 2.7x the plain resize, more than the
+  decode, and changes little: a random ImageNet crop is shrunk by at most about
+  2x. Evaluation antialiases (`_eval_fn`), to match the release's validation
+  pixels."""
+  return tf.image.resize(image, size, method="bilinear", antialias=False)
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,9 +73,15 @@ def _train_fn(size: int, workers: int):
   tf = _tf()
 
   def one(data, box, flip):
-    x = _resize(tf, _decode_window(tf, data, box), (size, size), antialias=False)
-    x = tf.cond(flip, lambda: x[:, ::-1], lambda: x)
-    return _to_uint8(tf, x)
+    # Flipped before the resize, in uint8 on the crop: a bilinear resize with
+    # half-pixel centres commutes with a horizontal flip, and flipping its
+    # float32 output instead cost 1.1 CPU-ms per image, a third of the total.
+    x = _decode_window(tf, data, box)
+    x = tf.cond(flip, lambda: tf.reverse(x, [1]), lambda: x)
+    x = _resize(tf, x, (size, size))
+    # A plain bilinear resize is a convex combination of uint8 pixels, so the
+    # result lies in [0, 255] and needs no clip: rounding is the cast of x + 0.5.
+    return tf.cast(x + 0.5, tf.uint8)
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string),
                                 tf.TensorSpec([None, 4], tf.int32),
@@ -95,14 +103,21 @@ def shorter_side_size(height: int, width: int, resize: int) -> tuple[int, int]:
 @functools.lru_cache(maxsize=None)
 def _eval_fn(size: int, workers: int):
   tf = _tf()
-  resize = int(round(256 * size / 224))
 
   def one(data, hw):
     image = tf.io.decode_image(data, channels=3, expand_animations=False)
-    x = _resize(tf, image, hw, antialias=True)
-    top = tf.cast(tf.round((tf.cast(hw[0], tf.float32) - size) / 2), tf.int32)
-    left = tf.cast(tf.round((tf.cast(hw[1], tf.float32) - size) / 2), tf.int32)
-    return _to_uint8(tf, x[top:top + size, left:left + size])
+    # The antialiased resize to `hw` and the centre crop in one op: only the
+    # crop's pixels are computed (`tf.image.resize(antialias=True)` is this op
+    # over the whole resized image). 17-26% less CPU per image; the pixels
+    # differ by at most 1 level in about 2e-5 of them (float rounding of the
+    # sample positions).
+    old = tf.cast(tf.shape(image)[:2], tf.float32)
+    new = tf.cast(hw, tf.float32)
+    corner = tf.round((new - size) / 2)  # top, left
+    x = tf.raw_ops.ScaleAndTranslate(
+        images=image[None], size=[size, size], scale=new / old, translation=-corner,
+        kernel_type='triangle', antialias=True)[0]
+    return _to_uint8(tf, x)
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string),
                                 tf.TensorSpec([None, 2], tf.int32)])
@@ -110,7 +125,6 @@ def _eval_fn(size: int, workers: int):
     ds = tf.data.Dataset.from_tensor_slices((data, sizes))
     ds = ds.map(one, num_parallel_calls=workers, deterministic=True)
     return ds.batch(tf.shape(data, out_type=tf.int64)[0]).get_single_element()
-  del resize
   return batch
 
 
