@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Multi-node GPU training with jax.distributed: one process per node, driving all its GPUs.
+# Multi-node GPU training with jax.distributed: one or more processes per node,
+# each driving its share of the node's GPUs.
 #
 # SLURM (jax reads the coordinator, process count and rank from SLURM's variables):
 #   srun --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 \
 #     launch/gpu_multinode.sh configs/imagenet_r18.py /shared/runs/imagenet_r18 --config.data_dir=/shared/tfds
-# Under SLURM jax gives each process only the GPU numbered SLURM_LOCALID, so this
-# script passes --local_device_ids=0,...,N-1 with N = SLURM_GPUS_ON_NODE (else the
-# count nvidia-smi lists; set LOCAL_DEVICE_IDS=0,1,... to choose).
+# With --ntasks-per-node=T the node's N GPUs are split into T equal groups and
+# task SLURM_LOCALID drives group SLURM_LOCALID (--local_device_ids; N from
+# SLURM_GPUS_ON_NODE, else the count nvidia-smi lists; set LOCAL_DEVICE_IDS=0,1,...
+# to choose). More tasks per node means more input pipelines: one process's
+# ImageNet pipeline holds the GIL about 0.3 ms per image (docs/performance.md),
+# about 3,000 images/s, so a node that trains faster than that wants T = 2-8.
 #
 # By hand (no SLURM): on every node, with node0's address and this node's rank:
 #   COORDINATOR=node0:1234 NUM_PROCESSES=2 PROCESS_ID=0 launch/gpu_multinode.sh CONFIG WORKDIR ...
@@ -34,7 +38,12 @@ elif [[ -n ${SLURM_JOB_ID:-} ]]; then
     n=${SLURM_GPUS_ON_NODE:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}
     n=${n##*:}  # SLURM may write "type:count"
     [[ $n =~ ^[0-9]+$ && $n -gt 0 ]] || { echo "gpu_multinode.sh: no GPU count (SLURM_GPUS_ON_NODE, nvidia-smi); set LOCAL_DEVICE_IDS=0,1,..." >&2; exit 2; }
-    LOCAL_DEVICE_IDS=$(seq -s, 0 $((n - 1)))
+    tasks=${SLURM_NTASKS_PER_NODE:-${SLURM_TASKS_PER_NODE:-1}}
+    tasks=${tasks%%[(,]*}  # SLURM may write "4(x2)" or "4,2"
+    rank=${SLURM_LOCALID:-0}
+    [[ $tasks =~ ^[0-9]+$ && $tasks -gt 0 && $((n % tasks)) -eq 0 ]] || { echo "gpu_multinode.sh: $n GPUs per node do not split evenly over $tasks tasks per node; use --ntasks-per-node dividing $n, or set LOCAL_DEVICE_IDS" >&2; exit 2; }
+    per=$((n / tasks))
+    LOCAL_DEVICE_IDS=$(seq -s, $((rank * per)) $((rank * per + per - 1)))
   fi
   cmd+=(--config.distributed_init=True --local_device_ids="$LOCAL_DEVICE_IDS")
 else

@@ -56,3 +56,19 @@ def test_tpu_pod_lets_jax_detect_the_pod():
   out = dry_run("tpu_pod.sh", {}, "--config.data_dir=gs://b/tfds")
   assert out.returncode == 0, out.stderr
   assert "--config.distributed_init=True --config.data_dir=gs://b/tfds" in out.stdout
+
+
+@pytest.mark.parametrize("tasks,rank,ids", [
+    ("4", "0", r"0\,1"), ("4", "3", r"6\,7"), ("8(x2)", "5", "5"), ("2", "1", r"4\,5\,6\,7")])
+def test_slurm_several_tasks_per_node_split_the_gpus(tasks, rank, ids):
+  out = dry_run("gpu_multinode.sh", {"SLURM_JOB_ID": "7", "SLURM_GPUS_ON_NODE": "8",
+                                     "SLURM_TASKS_PER_NODE": tasks, "SLURM_LOCALID": rank})
+  assert out.returncode == 0, out.stderr
+  assert f"--local_device_ids={ids} " in out.stdout
+
+
+def test_slurm_uneven_split_is_a_clear_error():
+  out = dry_run("gpu_multinode.sh", {"SLURM_JOB_ID": "7", "SLURM_GPUS_ON_NODE": "8",
+                                     "SLURM_NTASKS_PER_NODE": "3", "SLURM_LOCALID": "0"})
+  assert out.returncode == 2
+  assert "do not split evenly over 3 tasks" in out.stderr
