@@ -48,7 +48,7 @@ def init_flip_state(params: Any, mask: Any) -> FlipState:
 def update_flip_state(flips: FlipState, params: Any, mask: Any) -> FlipState:
   """Records which weights of `params` (after a step) differ from their initial sign."""
   def ever(init, old, p):
-    return old | bitpack.pack_bits(bitpack.sign_changed(init, p))
+    return old | bitpack.changed_bits(init, bitpack.pack_signs(p))
   return flips._replace(ever_flipped=_masked_map(
       ever, mask, flips.init_signs, flips.ever_flipped, params))
 
@@ -59,7 +59,8 @@ def start_interval(flips: FlipState, params: Any, mask: Any) -> FlipState:
 
 
 def _popcount(packed: jax.Array) -> jax.Array:
-  return jnp.sum(jnp.unpackbits(packed).astype(jnp.int32))
+  """Number of set bits in a uint8 array (int32)."""
+  return jnp.sum(jax.lax.population_count(packed).astype(jnp.int32))
 
 
 def _per_layer(values: dict[str, tuple[jax.Array, int]], prefix: str) -> dict[str, jax.Array]:
@@ -103,15 +104,17 @@ def flip_ratio(flips: FlipState, params: Any, mask: Any) -> dict[str, jax.Array]
   """
   values = {}
   for name, p, start in _layers(mask, params, flips.interval_signs):
-    values[name] = (jnp.sum(bitpack.sign_changed(start, p)), p.size)
+    values[name] = (_popcount(bitpack.changed_bits(start, bitpack.pack_signs(p))), p.size)
   return _per_layer(values, "flip_ratio")
 
 
 def step_flip_fraction(old_params: Any, new_params: Any, mask: Any) -> jax.Array:
   """Fraction of binary weights whose sign changed in one step (a scalar)."""
+  # Compared as packed signs (8 weights a byte, then a popcount): comparing the
+  # float signs took 31 ms of ResNet-18's 2.9 s step on XLA's CPU backend, this 6 ms.
   flipped, total = 0, 0
   for _, old, new in _layers(mask, old_params, new_params):
-    flipped += jnp.sum(jnp.sign(old) != jnp.sign(new))
+    flipped += _popcount(bitpack.changed_bits(bitpack.pack_signs(old), bitpack.pack_signs(new)))
     total += old.size
   return flipped / max(total, 1)
 

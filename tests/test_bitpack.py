@@ -99,3 +99,14 @@ def test_under_jit():
   packed = jax.jit(bitpack.pack_signs)(jnp.asarray(x))
   signs = jax.jit(bitpack.unpack_signs, static_argnums=1)(packed, x.shape)
   np.testing.assert_array_equal(np.asarray(signs), np.sign(x).astype(np.int8))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_changed_bits_is_the_packed_sign_difference(shape):
+  a, b = random_with_zeros(shape, 10), random_with_zeros(shape, 11)
+  b.reshape(-1)[::3] = a.reshape(-1)[::3]  # some weights keep their sign
+  packed = bitpack.changed_bits(bitpack.pack_signs(jnp.asarray(a)),
+                                bitpack.pack_signs(jnp.asarray(b)))
+  expected = np.sign(a) != np.sign(b)
+  np.testing.assert_array_equal(np.asarray(packed), np.packbits(expected.reshape(-1)))
+  np.testing.assert_array_equal(np.asarray(bitpack.unpack_bits(packed, shape)), expected)

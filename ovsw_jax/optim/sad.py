@@ -130,12 +130,14 @@ def add_sad_penalty(
     sigma = jnp.asarray(track_threshold, jnp.float32)
 
     def step(g, w, s, prev):
-      flipped = bitpack.sign_changed(prev, w).astype(jnp.float32)
+      now = bitpack.pack_signs(w)  # compared packed, and kept as the next step's `prev`
+      flipped = bitpack.unpack_bits(bitpack.changed_bits(prev, now), w.shape)
+      flipped = flipped.astype(jnp.float32)
       s = m * s + one_minus_m * flipped
       silent = s < sigma
       penalty = jnp.where(silent, gamma * w.astype(jnp.float32), 0.0)
       g = (g.astype(jnp.float32) + penalty).astype(g.dtype)
-      return g, s, bitpack.pack_signs(w), jnp.mean(silent.astype(jnp.float32))
+      return g, s, now, jnp.mean(silent.astype(jnp.float32))
 
     new_updates, tracker, prev_signs, silent = _common.tree_unzip(
         updates, jax.tree.map(step, updates, params, state.tracker, state.prev_signs), 4)
