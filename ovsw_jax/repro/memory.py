@@ -21,6 +21,7 @@ is the same optimizer. Rows cover SGD (the paper's) and Adam.
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -48,16 +49,23 @@ def binary_paths(params: Any) -> list[str]:
   return [jax.tree_util.keystr(path) for path, is_binary in flat if is_binary]
 
 
+def binary_leaves(tree: Any, paths: list[str], *,
+                  skip: Callable[[Any], bool] | None = None) -> list[Any]:
+  """The array leaves of `tree` whose key path ends with one of `paths`.
+
+  Optimizer states hold per-weight leaves under the parameter's own path
+  (after prefixes such as the chain's index or the state's field name), so a
+  suffix match finds a binary weight's leaves in any of the trees. Subtrees
+  for which `skip` is true are left out whole.
+  """
+  return [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=skip)[0]
+          if hasattr(leaf, "shape") and not (skip and skip(leaf))
+          and any(jax.tree_util.keystr(path).endswith(p) for p in paths)]
+
+
 def bytes_on(tree: Any, paths: list[str]) -> int:
   """Bytes of the leaves of `tree` whose path ends with one of `paths`."""
-  total = 0
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    if leaf is None or not hasattr(leaf, "shape"):
-      continue
-    text = jax.tree_util.keystr(path)
-    if any(text.endswith(p) for p in paths):
-      total += _nbytes(leaf)
-  return total
+  return sum(_nbytes(leaf) for leaf in binary_leaves(tree, paths))
 
 
 def _is_ovsw(state) -> bool:
@@ -81,22 +89,18 @@ def abstract_state(config, info: tuple[int, tuple[int, ...]] | None = None):
 def measure(state) -> dict[str, float]:
   """Bytes per binary weight of each part (see module docstring), ours and the release's."""
   paths = binary_paths(state.params)
-  n = sum(int(np.prod(leaf.shape)) for path, leaf in
-          jax.tree_util.tree_flatten_with_path(state.params)[0]
-          if any(jax.tree_util.keystr(path).endswith(p) for p in paths))
+  binary = binary_leaves(state.params, paths)
+  n = sum(int(np.prod(leaf.shape)) for leaf in binary)
   # OvSW's states may sit inside optax wrappers (masked, chain): split by type.
   flat = jax.tree_util.tree_flatten_with_path(state.opt_state, is_leaf=_is_ovsw)[0]
   ovsw = [leaf for _, leaf in flat if _is_ovsw(leaf)]
-  base = {jax.tree_util.keystr(path): leaf for path, leaf in flat if not _is_ovsw(leaf)}
+  moments = binary_leaves(state.opt_state, paths, skip=_is_ovsw)
   out = {"binary_weights": n,
-         "latent": bytes_on(state.params, paths) / n,
-         "optimizer": sum(_nbytes(leaf) for text, leaf in base.items()
-                          if hasattr(leaf, "shape") and any(text.endswith(p) for p in paths)) / n,
+         "latent": sum(_nbytes(leaf) for leaf in binary) / n,
+         "optimizer": sum(_nbytes(leaf) for leaf in moments) / n,
          "ovsw": bytes_on(ovsw, paths) / n,
          "flips": bytes_on(state.flips, paths) / n}
   # The release's per-weight OvSW state: float32 previous weight + float32 tracker.
-  binary = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]
-            if any(jax.tree_util.keystr(path).endswith(p) for p in paths)]
   release = {"prev_weight": [jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in binary],
              "tracker": [jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in binary]}
   out["ovsw_release"] = sum(_nbytes(x) for x in jax.tree.leaves(release)) / n
