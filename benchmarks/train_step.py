@@ -1,10 +1,12 @@
 """Times the train step: OvSW vs vanilla vs the same network with float convolutions.
 
   python -m benchmarks.train_step [--model=resnet20|resnet18] [--batch=N] [--steps=20]
-      [--repeats=3] [--bf16] [--kernels]
+      [--repeats=3] [--arms=vanilla,ovsw,float[,vanilla-bf16,...]] [--bf16] [--kernels]
 
-Arms, all in one process on the same inputs, alternated (A B C A B C ...) and
-reported as medians, compile time apart:
+Arms, all in one process on the same inputs, one step of each in turn (A B C
+A B C ...: drift of a shared machine hits every arm alike), reported as
+medians, ratios as the median of the per-round ratios with quartiles,
+compile time apart:
 
 * vanilla: the binary network, AGS and SAD off (the flip metrics are in every arm);
 * ovsw: the binary network with AGS and SAD, as trained here;
@@ -12,6 +14,10 @@ reported as medians, compile time apart:
   float convolution of the latent kernel (no normalisation, binarisers or
   channel scale), vanilla optimizer. XLA's own convolutions and BatchNorm are
   all that is left: the floor the binary step can approach on this backend.
+
+With vanilla and ovsw both run, the last line times the optimizer update alone
+(gradients in, parameters and optimizer state out) for both: OvSW's own cost,
+which the whole-step difference (two large noisy numbers) cannot resolve.
 
 Shapes: ResNet-20 CIFAR (32 x 32, 10 classes, batch 128 by default), ResNet-18
 ImageNet (224 x 224, 1000 classes, batch 16 by default), the two rows of the
@@ -32,6 +38,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from configs import common
 from ovsw_jax import layers, models, train
@@ -63,13 +70,19 @@ def float_convolutions():
 
 
 def build(arm: str, args):
-  """A jitted step, its initial state and a batch; compiled. Returns (step, state, batch, s)."""
+  """A jitted step, its initial state and a batch; compiled. Returns (step, state, batch, s).
+
+  `arm` is vanilla, ovsw or float, with `-bf16` appended for bfloat16 compute
+  (or every arm in bfloat16 with `--bf16`).
+  """
+  arm, _, suffix = arm.partition("-")
+  bf16 = args.bf16 or suffix == "bf16"
   config = common.apply_arg(common.base_config(), "ovsw" if arm == "ovsw" else "vanilla")
-  config.half_precision = args.bf16
+  config.half_precision = bf16
   shape = SHAPES[args.model]
   lr = train.create_learning_rate_fn(config, 100)
   model = models.get_model(args.model, num_classes=shape["classes"],
-                           dtype=jnp.bfloat16 if args.bf16 else jnp.float32)
+                           dtype=jnp.bfloat16 if bf16 else jnp.float32)
   tx = train.create_optimizer(config, lr)
   image_shape = (shape["size"], shape["size"], 3)
   context = float_convolutions() if arm == "float" else contextlib.nullcontext()
@@ -87,16 +100,80 @@ def build(arm: str, args):
   return compiled, state, batch, compile_s
 
 
-def time_steps(compiled, state, batch, steps: int):
-  state, m = compiled(state, batch)  # warm-up
+def xla_cost(compiled) -> tuple[float, float]:
+  """(GFLOP, GB accessed) of a compiled step by XLA's cost analysis: no timing
+  noise in it, so small differences between arms show here first."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return cost.get("flops", 0.0) / 1e9, cost.get("bytes accessed", 0.0) / 1e9
+
+
+def time_step(compiled, state, batch):
+  """One step, timed to its result. Returns (state, seconds)."""
+  start = time.perf_counter()
+  state, m = compiled(state, batch)
   jax.block_until_ready(m)
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    state, m = compiled(state, batch)
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - start)
-  return state, times
+  return state, time.perf_counter() - start
+
+
+def time_interleaved(built, arms, steps: int, repeats: int):
+  """Times every arm step by step in turn (A B C A B C ...), so that drift of a
+  shared machine's speed hits every arm alike. Returns {arm: [seconds]}."""
+  states = {arm: built[arm][1] for arm in arms}
+  for arm in arms:  # warm-up
+    states[arm], _ = time_step(built[arm][0], states[arm], built[arm][2])
+  times = {arm: [] for arm in arms}
+  for _ in range(steps * repeats):
+    for arm in arms:
+      states[arm], t = time_step(built[arm][0], states[arm], built[arm][2])
+      times[arm].append(t)
+  return times
+
+
+def paired_ratio(times, a: str, b: str) -> tuple[float, float, float]:
+  """Median and quartiles of a/b over the rounds (each round ran a and b back to back)."""
+  ratios = sorted(x / y for x, y in zip(times[a], times[b]))
+  q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+  return statistics.median(ratios), q[0], q[-1]
+
+
+def optimizer_line(args, step_s: float) -> str:
+  """OvSW's own cost measured directly: the optimizer update alone, vanilla vs OvSW.
+
+  The whole-step difference of two arms is a small difference of two large
+  noisy numbers on a shared machine; the update alone (gradients in, new
+  parameters and optimizer state out, jitted, alternated) is what AGS and SAD
+  add to the step, unless they change how XLA fuses the rest.
+  """
+  shape = SHAPES[args.model]
+  fns, states = {}, {}
+  for arm in ("vanilla", "ovsw"):
+    config = common.apply_arg(common.base_config(), arm)
+    tx = train.create_optimizer(config, train.create_learning_rate_fn(config, 100))
+    model = models.get_model(args.model, num_classes=shape["classes"])
+    state = train.create_train_state(jax.random.key(0), model, tx,
+                                     (shape["size"], shape["size"], 3))
+    rng = np.random.default_rng(2)
+    grads = jax.tree.map(lambda p: jnp.asarray(1e-3 * rng.normal(size=p.shape), p.dtype),
+                         state.params)
+
+    def update(params, opt_state, grads, tx=tx):
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    fns[arm] = (jax.jit(update, donate_argnums=(0, 1)), grads)
+    states[arm] = fns[arm][0](state.params, state.opt_state, grads)
+  times = {"vanilla": [], "ovsw": []}
+  for _ in range(max(50, args.steps)):
+    for arm, (fn, grads) in fns.items():
+      start = time.perf_counter()
+      states[arm] = fn(*states[arm], grads)
+      jax.block_until_ready(states[arm])
+      times[arm].append(time.perf_counter() - start)
+  van, ovsw = (statistics.median(times[a]) for a in ("vanilla", "ovsw"))
+  return (f"Optimizer update alone: vanilla {1e3 * van:.2f} ms, OvSW {1e3 * ovsw:.2f} ms; "
+          f"OvSW adds {1e3 * (ovsw - van):.2f} ms = {100 * (ovsw - van) / step_s:.2f}% "
+          "of the OvSW step")
 
 
 def kernel_table(args) -> None:
@@ -155,36 +232,45 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", choices=sorted(SHAPES), default="resnet20")
   parser.add_argument("--batch", type=int, default=None)
-  parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
-  parser.add_argument("--repeats", type=int, default=3, help="alternations of the arms")
-  parser.add_argument("--arms", default="vanilla,ovsw,float")
+  parser.add_argument("--steps", type=int, default=10,
+                      help="timed rounds (one step of each arm in turn) per repeat")
+  parser.add_argument("--repeats", type=int, default=3, help="rounds = steps x repeats")
+  parser.add_argument("--arms", default="vanilla,ovsw,float",
+                      help="vanilla, ovsw, float; a -bf16 suffix computes that arm in "
+                           "bfloat16 (e.g. --arms=vanilla,ovsw,vanilla-bf16,ovsw-bf16)")
   parser.add_argument("--bf16", action="store_true", help="bfloat16 compute")
   parser.add_argument("--kernels", action="store_true", help="per-convolution timings too")
   args = parser.parse_args()
   args.batch = args.batch or SHAPES[args.model]["batch"]
   arms = args.arms.split(",")
   built = {arm: build(arm, args) for arm in arms}
-  states = {arm: built[arm][1] for arm in arms}
-  times = {arm: [] for arm in arms}
-  for _ in range(args.repeats):
-    for arm in arms:
-      states[arm], ts = time_steps(built[arm][0], states[arm], built[arm][2], args.steps)
-      times[arm] += ts
+  times = time_interleaved(built, arms, args.steps, args.repeats)
   dtype = "bfloat16" if args.bf16 else "float32"
   print(f"{args.model}, batch {args.batch}, {dtype}, {jax.devices()[0].platform}, "
-        f"{args.repeats} x {args.steps} steps per arm:")
-  print("| arm | ms/step (median) | images/s | compile s |\n|---|---|---|---|")
+        f"{args.repeats * args.steps} rounds of one step per arm:")
+  print("| arm | ms/step (median) | images/s | compile s | GFLOP | GB accessed |\n"
+        "|---|---|---|---|---|---|")
   med = {arm: statistics.median(times[arm]) for arm in arms}
   for arm in arms:
+    flops, gbytes = xla_cost(built[arm][0])
     print(f"| {arm} | {1e3 * med[arm]:.1f} | {args.batch / med[arm]:.1f} | "
-          f"{built[arm][3]:.1f} |")
-  if "ovsw" in med and "vanilla" in med:
-    print(f"OvSW / vanilla: {med['ovsw'] / med['vanilla']:.3f} "
-          f"(OvSW's share of the step {100 * (1 - med['vanilla'] / med['ovsw']):.1f}%)")
-  if "float" in med:
+          f"{built[arm][3]:.1f} | {flops:.2f} | {gbytes:.3f} |")
+  print("Ratios: median over rounds [quartiles]")
+  for sfx in ("", "-bf16"):
+    if f"ovsw{sfx}" in med and f"vanilla{sfx}" in med:
+      r, lo, hi = paired_ratio(times, f"ovsw{sfx}", f"vanilla{sfx}")
+      print(f"OvSW{sfx} / vanilla{sfx}: {r:.3f} [{lo:.3f}, {hi:.3f}] "
+            f"(OvSW's share of the step {100 * (1 - 1 / r):.1f}%)")
     for arm in ("vanilla", "ovsw"):
-      if arm in med:
-        print(f"{arm} / float convolutions: {med[arm] / med['float']:.3f}")
+      if f"float{sfx}" in med and f"{arm}{sfx}" in med:
+        r, lo, hi = paired_ratio(times, f"{arm}{sfx}", f"float{sfx}")
+        print(f"{arm}{sfx} / float{sfx} convolutions: {r:.3f} [{lo:.3f}, {hi:.3f}]")
+  for arm in ("vanilla", "ovsw", "float"):
+    if arm in med and f"{arm}-bf16" in med:
+      r, lo, hi = paired_ratio(times, arm, f"{arm}-bf16")
+      print(f"{arm}: bfloat16 speed-up (float32 time / bfloat16 time) {r:.3f} [{lo:.3f}, {hi:.3f}]")
+  if "ovsw" in med and "vanilla" in med:
+    print(optimizer_line(args, med["ovsw"]))
   if args.kernels:
     kernel_table(args)
 
