@@ -340,13 +340,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 def _train(config: ml_collections.ConfigDict, workdir: str, *, donate: bool,
            allow_config_change: bool) -> dict[str, float]:
-  run = setup(config)
-  num_steps = _num_steps(config, run.steps_per_epoch)
-
+  # The config is compared with the workdir's record before anything is built:
+  # a mismatch stops at once (building the model and state took 15 s here).
   manager = checkpointing.create_manager(f"{workdir}/checkpoints",
                                          max_to_keep=config.keep_checkpoints)
   workdir_lib.check_config(workdir, config, has_checkpoint=bool(manager.all_steps()),
                            allow_change=allow_config_change, write=jax.process_index() == 0)
+  run = setup(config)
+  num_steps = _num_steps(config, run.steps_per_epoch)
   state = checkpointing.restore_latest(manager, run.initial_state)
   if state is not None:
     logging.info("Resumed from step %d.", int(state.step))

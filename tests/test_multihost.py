@@ -202,7 +202,7 @@ def wait_all(procs, limit_s):
 
 
 @contextlib.contextmanager
-def training_pair(tmp_path):
+def training_pair(tmp_path, extra=()):
   """A long 2-process run (1 device each), yielded once it trains; killed on the way out.
 
   One device per process: what these tests show (a stop agreed on by two
@@ -211,7 +211,7 @@ def training_pair(tmp_path):
   """
   workdir, logs = tmp_path / "wd", tmp_path / "logs"
   logs.mkdir()
-  procs = start_pair(workdir, LONG, logs, devices=1)
+  procs = start_pair(workdir, LONG + list(extra), logs, devices=1)
   try:
     assert wait_for(logs / "p0.log", "train step ", LIMIT_S - 60), outputs(logs)[0][-3000:]
     yield workdir, logs, procs
@@ -243,7 +243,8 @@ def test_sigterm_to_one_process_saves_one_step_on_both_and_resumes(tmp_path):
 
 
 def test_a_killed_process_ends_the_other_with_a_clear_message(tmp_path):
-  with training_pair(tmp_path) as (_, logs, procs):
+  # A 20 s heartbeat timeout (default 60): the survivor notices sooner, the test is shorter.
+  with training_pair(tmp_path, ["--heartbeat_timeout_s=20"]) as (_, logs, procs):
     # Kill the trainer of process 1 (timeout -> supervisor -> trainer), as a lost host would.
     killed_at = time.time()
     os.kill(trainer_pid(procs[1])[1], signal.SIGKILL)
