@@ -69,6 +69,18 @@ def float_convolutions():
     layers.xnor_conv = original
 
 
+def arm_parts(model_name: str, arm: str, bf16: bool = False):
+  """(learning-rate schedule, model, optimizer, image shape) of an arm: the
+  OvSW config for `ovsw`, the vanilla one for the others."""
+  config = common.apply_arg(common.base_config(), "ovsw" if arm == "ovsw" else "vanilla")
+  config.half_precision = bf16
+  shape = SHAPES[model_name]
+  lr = train.create_learning_rate_fn(config, 100)
+  model = models.get_model(model_name, num_classes=shape["classes"],
+                           dtype=jnp.bfloat16 if bf16 else jnp.float32)
+  return lr, model, train.create_optimizer(config, lr), (shape["size"], shape["size"], 3)
+
+
 def build(arm: str, args):
   """A jitted step, its initial state and a batch; compiled. Returns (step, state, batch, s).
 
@@ -76,15 +88,8 @@ def build(arm: str, args):
   (or every arm in bfloat16 with `--bf16`).
   """
   arm, _, suffix = arm.partition("-")
-  bf16 = args.bf16 or suffix == "bf16"
-  config = common.apply_arg(common.base_config(), "ovsw" if arm == "ovsw" else "vanilla")
-  config.half_precision = bf16
   shape = SHAPES[args.model]
-  lr = train.create_learning_rate_fn(config, 100)
-  model = models.get_model(args.model, num_classes=shape["classes"],
-                           dtype=jnp.bfloat16 if bf16 else jnp.float32)
-  tx = train.create_optimizer(config, lr)
-  image_shape = (shape["size"], shape["size"], 3)
+  lr, model, tx, image_shape = arm_parts(args.model, arm, args.bf16 or suffix == "bf16")
   context = float_convolutions() if arm == "float" else contextlib.nullcontext()
   with context:
     state = train.create_train_state(jax.random.key(0), model, tx, image_shape)
@@ -145,14 +150,10 @@ def optimizer_line(args, step_s: float) -> str:
   parameters and optimizer state out, jitted, alternated) is what AGS and SAD
   add to the step, unless they change how XLA fuses the rest.
   """
-  shape = SHAPES[args.model]
   fns, states = {}, {}
   for arm in ("vanilla", "ovsw"):
-    config = common.apply_arg(common.base_config(), arm)
-    tx = train.create_optimizer(config, train.create_learning_rate_fn(config, 100))
-    model = models.get_model(args.model, num_classes=shape["classes"])
-    state = train.create_train_state(jax.random.key(0), model, tx,
-                                     (shape["size"], shape["size"], 3))
+    _, model, tx, image_shape = arm_parts(args.model, arm)
+    state = train.create_train_state(jax.random.key(0), model, tx, image_shape)
     rng = np.random.default_rng(2)
     grads = jax.tree.map(lambda p: jnp.asarray(1e-3 * rng.normal(size=p.shape), p.dtype),
                          state.params)
