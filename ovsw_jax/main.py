@@ -5,10 +5,18 @@
 binary ResNet on scikit-learn's 8x8 digits) runs. The run resumes from the
 newest checkpoint in `--workdir`.
 
-Several processes (one per host, or per GPU): give every process
+Several processes (one per host, or per group of GPUs): give every process
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (process 0
-serves the coordinator at HOST:PORT), or, on a cluster jax detects by itself
-(TPU pods, SLURM), `--config.distributed_init=True` alone. See `launch/`.
+serves the coordinator at HOST:PORT); each drives every accelerator it sees
+unless `--local_device_ids` names some. On a TPU pod
+`--config.distributed_init=True` alone is enough: jax finds the workers, and
+each drives all of its chips. Under SLURM `--config.distributed_init=True`
+finds the processes too, but jax then gives each process only the GPU
+numbered `SLURM_LOCALID`: pass the GPUs each task drives as
+`--local_device_ids`, numbered as the task sees them (0..k-1 for the k GPUs
+of its `CUDA_VISIBLE_DEVICES`). `launch/gpu_multinode.sh` works them out for
+one task per node, several tasks per node and per-task GPU binding
+(`--gpus-per-task`); `launch/tpu_pod.sh` runs a pod. See `launch/`.
 
 Each process of a multi-process run trains in a child of a thin supervising
 parent (`supervisor`), which turns a peer's death into a clear message.
