@@ -180,6 +180,18 @@ def test_tpu_pod_lets_jax_detect_the_pod(fakes):
   assert 'no TPU jax (libtpu)' in out.stderr and f'"jax[tpu]=={PIN}"' in out.stderr
 
 
+def test_launchers_default_to_the_active_venv_then_the_checkouts(fakes, tmp_path):
+  venv = tmp_path / "venv"
+  (venv / "bin").mkdir(parents=True)
+  (venv / "bin" / "python").symlink_to(fakes / "py_tpu")
+  out = dry_run(fakes, "tpu_pod.sh", {"VIRTUAL_ENV": str(venv)}, python=None)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.startswith(f"{venv}/bin/python -m ovsw_jax.main ")
+  out = dry_run(fakes, "tpu_pod.sh", {"VIRTUAL_ENV": str(venv), "PYTHON": str(fakes / "py310")},
+                python=None)
+  assert out.returncode == 2 and "is Python 3.10" in out.stderr
+
+
 def setup_env(fakes, tmp_path, env_extra, accel="tpu", python=None):
   return subprocess.run(["bash", str(ROOT / "launch" / "setup_env.sh"), accel,
                          str(tmp_path / "venv")], env=script_env(fakes, python, env_extra),
