@@ -301,7 +301,12 @@ def _compile(run: Setup, config: ml_collections.ConfigDict, donate: bool) -> _Lo
 def _num_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
   if config.get("num_train_steps", -1) > 0:
     return int(config.num_train_steps)
-  return int(config.num_epochs * steps_per_epoch)
+  steps = int(config.num_epochs * steps_per_epoch)
+  if steps < 1:  # a fraction of an epoch shorter than one step would train nothing
+    raise config_checks.ConfigError(
+        f"config.num_epochs={config.num_epochs!r} is less than one step ({steps_per_epoch} "
+        "steps per epoch): set a longer --config.num_epochs=E, or --config.num_train_steps=N.")
+  return steps
 
 
 @contextlib.contextmanager
@@ -334,7 +339,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   diverged state; `workdir.WorkdirLockedError` when another run trains in
   `workdir`; `workdir.ConfigMismatchError` when `config` would change what the
   workdir's checkpoints mean (unless `allow_config_change`);
-  `checkpointing.CheckpointMismatchError` for a checkpoint of another state.
+  `checkpointing.CheckpointMismatchError` for a checkpoint of another state;
+  `config_checks.ConfigError` (a `ValueError`), before anything is built, for
+  a value or a batch layout no run can use.
   `donate` lets each step reuse the previous state's device memory (what an
   accelerator needs for large models).
   """

@@ -6,6 +6,7 @@ import json
 import math
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -78,6 +79,16 @@ def test_a_bad_value_stops_train_and_evaluate_before_the_workdir_is_touched(tmp_
   with pytest.raises(ConfigError, match=r"config\.num_train_steps=-5"):
     train.train_and_evaluate(default_config(num_train_steps=-5), str(workdir))
   assert not workdir.exists()
+
+
+def test_a_run_shorter_than_one_step_is_an_error():
+  assert train._num_steps(default_config(num_epochs=2), 22) == 44
+  assert train._num_steps(default_config(num_train_steps=3), 22) == 3
+  # A config file may declare fractional epochs: 0.01 passes the field check (> 0),
+  # but is 0.22 steps.
+  config = ml_collections.ConfigDict({"num_epochs": 0.01, "num_train_steps": -1})
+  with pytest.raises(ConfigError, match=r"config\.num_epochs=0\.01 is less than one step"):
+    train._num_steps(config, 22)
 
 
 # --- layout ---------------------------------------------------------------------------------
