@@ -31,12 +31,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = "resnet20"
   c.model_kwargs = ml_collections.ConfigDict()
   c.half_precision = False     # bfloat16 compute, float32 params.
+  # Precision of float32 matmuls and convolutions (jax.default_matmul_precision),
+  # applied around the whole run and logged: "highest" is float32; "high" and
+  # "default" are faster passes (TF32 on Ampere-or-newer GPUs; bf16_3x / bf16 on
+  # TPUs), which jax uses there unless told. bfloat16 compute (half_precision)
+  # does not depend on it, and on CPUs float32 is exact whatever it says.
+  c.matmul_precision = "highest"
   # Recipe (docs/method.md §7).
   c.seed = 0
-  c.batch_size = 256           # global, over all devices and hosts.
+  c.batch_size = 256           # global, over all devices and hosts: a multiple of their count.
+  # Global; rounded up to a multiple of the device count where it is not one
+  # (logged; the padding is masked, so each test example still counts once).
   c.eval_batch_size = 256
-  c.num_epochs = 600
-  c.num_train_steps = -1       # > 0 overrides num_epochs.
+  c.num_epochs = 600           # > 0.
+  c.num_train_steps = -1       # -1: num_epochs long; > 0: this many steps.
   c.warmup_epochs = 5
   c.learning_rate = 0.1
   c.lr_schedule = "epoch_cosine"
@@ -108,6 +116,7 @@ def cifar_recipe(dataset: str, model: str) -> ml_collections.ConfigDict:
   c.lr_schedule = "epoch_cosine"
   c.weight_decay = 5e-4
   c.wd_exclude_1d = False
+  c.matmul_precision = "highest"  # float32 matmuls and convolutions on every device.
   c.ovsw.delta = 0.04
   c.ovsw.dampen_weight = 9e-4
   c.log_every_steps = 50
@@ -133,6 +142,7 @@ def imagenet_recipe(model: str, warmup_epochs: int) -> ml_collections.ConfigDict
   c.ovsw.delta = 0.01
   c.ovsw.dampen_weight = 2e-5
   c.half_precision = True  # the release trains under fp16 autocast; bf16 here.
+  c.matmul_precision = "highest"  # what stays float32 (e.g. half_precision=False) is float32.
   c.log_every_steps = 100
   c.checkpoint_every_steps = 2000
   return c

@@ -131,6 +131,9 @@ def _multi_process_requested() -> bool:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
+    sys.exit(f"error: --workdir={FLAGS.workdir} is a file, not a directory: give a new or "
+             "existing directory.")
   if _multi_process_requested() and not supervisor.is_child():
     # A peer's death aborts this process from C++; the parent says what happened.
     sys.exit(supervisor.run_child(sys.argv[1:], process_id=FLAGS.process_id,
@@ -159,4 +162,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  try:
+    app.run(main)
+  except SyntaxError as e:
+    if FLAGS.is_parsed():  # raised by the run, not while absl loaded the --config file
+      raise
+    sys.exit(f"error: the config file {e.filename} does not parse: line {e.lineno}: {e.msg}. "
+             "Fix the file and start again.")

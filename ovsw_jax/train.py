@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 from clu import metrics as clu_metrics, parameter_overview, periodic_actions
 
 from ovsw_jax import checkpointing, input_pipeline, metrics, models, parallel, preemption
+from ovsw_jax import config_checks
 from ovsw_jax import run_log
 from ovsw_jax.data import device
 from ovsw_jax import workdir as workdir_lib
@@ -196,14 +197,18 @@ def instruments(state: TrainState) -> dict[str, float]:
   return {k: float(v) for k, v in out.items()}
 
 
-def _check_config(config: ml_collections.ConfigDict, devices: int) -> None:
-  parallel.check(config.get("parallelism", "pmap"))
-  for name in ("batch_size", "eval_batch_size"):
-    value = config[name]
-    if value <= 0 or value % (devices * jax.process_count()):
-      raise ValueError(
-          f"config.{name}={value} must be a positive multiple of the global device "
-          f"count ({devices * jax.process_count()}); set --config.{name}=...")
+def check_config(config: ml_collections.ConfigDict) -> config_checks.Layout:
+  """Every value of `config` and its batch layout on this run's devices (`config_checks`).
+
+  Logs, once, the evaluation batch where it was rounded up to fit the devices.
+  """
+  layout = config_checks.check(config, jax.device_count(), jax.process_count())
+  if layout.eval_rounded:
+    logging.info(
+        "Evaluation batch: config.eval_batch_size=%d rounded up to %d, a multiple of the "
+        "%d devices; the padded rows are masked, so each example is counted once.",
+        config.eval_batch_size, layout.eval_batch_size, layout.devices)
+  return layout
 
 
 class Setup(NamedTuple):
@@ -296,7 +301,12 @@ def _compile(run: Setup, config: ml_collections.ConfigDict, donate: bool) -> _Lo
 def _num_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
   if config.get("num_train_steps", -1) > 0:
     return int(config.num_train_steps)
-  return int(config.num_epochs * steps_per_epoch)
+  steps = int(config.num_epochs * steps_per_epoch)
+  if steps < 1:  # a fraction of an epoch shorter than one step would train nothing
+    raise config_checks.ConfigError(
+        f"config.num_epochs={config.num_epochs!r} is less than one step ({steps_per_epoch} "
+        "steps per epoch): set a longer --config.num_epochs=E, or --config.num_train_steps=N.")
+  return steps
 
 
 @contextlib.contextmanager
@@ -329,17 +339,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   diverged state; `workdir.WorkdirLockedError` when another run trains in
   `workdir`; `workdir.ConfigMismatchError` when `config` would change what the
   workdir's checkpoints mean (unless `allow_config_change`);
-  `checkpointing.CheckpointMismatchError` for a checkpoint of another state.
+  `checkpointing.CheckpointMismatchError` for a checkpoint of another state;
+  `config_checks.ConfigError` (a `ValueError`), before anything is built, for
+  a value or a batch layout no run can use.
   `donate` lets each step reuse the previous state's device memory (what an
   accelerator needs for large models).
   """
-  _check_config(config, jax.device_count() // jax.process_count())
-  with _run_lock(workdir):
-    return _train(config, workdir, donate=donate, allow_config_change=allow_config_change)
+  layout = check_config(config)
+  # Float32 matmuls and convolutions at the config's precision (TPUs and recent GPUs
+  # default to bf16 passes or TF32); it holds while every step is traced and run.
+  precision = config.get("matmul_precision", "highest")
+  logging.info("Matmul precision: %s (config.matmul_precision).", precision)
+  with _run_lock(workdir), jax.default_matmul_precision(precision):
+    return _train(config, workdir, donate=donate, allow_config_change=allow_config_change,
+                  eval_batch_size=layout.eval_batch_size)
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, *, donate: bool,
-           allow_config_change: bool) -> dict[str, float]:
+           allow_config_change: bool, eval_batch_size: int) -> dict[str, float]:
   # The config is compared with the workdir's record before anything is built:
   # a mismatch stops at once (building the model and state took 15 s here).
   manager = checkpointing.create_manager(f"{workdir}/checkpoints",
@@ -379,7 +396,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, donate: bool,
     last_saved = step
 
   def evaluate_now():
-    summary = evaluate(loop.eval, rstate, config, config.eval_batch_size, scheme)
+    summary = evaluate(loop.eval, rstate, config, eval_batch_size, scheme)
     summary.update(instruments(host_state()))
     return summary
 

@@ -38,6 +38,11 @@ CHANGEABLE = (
     "log_every_steps", "eval_every_epochs", "checkpoint_every_steps", "keep_checkpoints",
     "eval_batch_size", "data_dir", "distributed_init", "num_workers", "prefetch",
     "parallelism",
+    # Like `parallelism`, the matmul precision changes the rounding of the steps
+    # after the restart, not what the checkpointed state is (moving a run to
+    # another kind of accelerator changes that rounding too): switching to
+    # faster passes mid-run, or back to float32, must not force a new run.
+    "matmul_precision",
 )
 
 

@@ -1,11 +1,12 @@
-"""Every config file loads (with each `:arg`) and builds its model."""
+"""Every config file loads (with each `:arg`), builds its model, passes the config checks and
+fits the usual device counts."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from helpers import CONFIG_DIR, load_config
-from ovsw_jax import models
+from ovsw_jax import config_checks, models
 from ovsw_jax.optim import binary_weight_mask
 
 CONFIG_FILES = sorted(p for p in CONFIG_DIR.glob("*.py")
@@ -62,3 +63,41 @@ def test_recipes_follow_the_release():
   assert (c.weight_decay, c.wd_exclude_1d) == (5e-4, False)
   assert (c.ovsw.delta, c.ovsw.dampen_weight) == (0.04, 9e-4)
   assert (c.ovsw.track_momentum, c.ovsw.track_threshold) == (0.999, 1e-4)
+
+
+# Device counts of usual machines (8 GPUs, a v3-8, a v4-32 = 16 chips, a v5e-32, a pod
+# slice), each with several process counts (one per host, one per GPU, ...).
+DEVICE_COUNTS = (1, 8, 16, 32, 256)
+DEFAULT_DEVICE_COUNTS = (1, 2, 4, 8, 16, 32)
+
+
+def layouts(device_counts):
+  return [(d, p) for d in device_counts for p in (1, 2, 4, 8, 32, 64, 256) if p <= d and not d % p]
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
+def test_config_passes_the_checks_on_the_usual_device_counts(path):
+  config = load_config(path)
+  config_checks.check_values(config)
+  for arg in ("vanilla", "ags", "sad", "runlocal"):
+    config_checks.check_values(load_config(path, arg))
+  counts = DEFAULT_DEVICE_COUNTS if path.stem == "default" else DEVICE_COUNTS
+  for devices, processes in layouts(counts):
+    layout = config_checks.check(config, devices, processes)
+    assert layout.batch_size == config.batch_size  # the recipe's batch, never changed
+    assert layout.per_device * devices == config.batch_size
+    assert (config.batch_size // processes) % (devices // processes) == 0
+    eval_batch = layout.eval_batch_size
+    assert eval_batch % devices == 0
+    assert config.eval_batch_size <= eval_batch < config.eval_batch_size + devices
+    assert layout.eval_rounded == (eval_batch != config.eval_batch_size)
+  # More devices than the train batch has examples: no layout, the clear error.
+  with pytest.raises(config_checks.ConfigError, match=r"config\.batch_size=\d+ \(the global "
+                     r"train batch\) does not split over the 1024 devices"):
+    config_checks.check(config, 1024, 128)
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
+def test_float32_configs_compute_float32_matmuls(path):
+  """TPUs and recent GPUs would otherwise run float32 convolutions as bf16 passes or TF32."""
+  assert load_config(path).matmul_precision == "highest"
