@@ -21,10 +21,17 @@ one task per node, several tasks per node and per-task GPU binding
 Each process of a multi-process run trains in a child of a thin supervising
 parent (`supervisor`), which turns a peer's death into a clear message.
 
+Signals (see `preemption`): SIGTERM, SIGINT (Ctrl-C) and those named by
+`--preemption_signals` (e.g. `USR1`, for SLURM's `--signal=USR1@120`) save
+the current state and stop, during an evaluation too; a second SIGINT stops
+at once, without saving. SIGQUIT (`kill -QUIT PID`, Ctrl-\\) prints every
+thread's stack (what a stuck run waits for) and the run goes on.
+
 Exit status: 0 finished; 75 (`preemption.EXIT_PREEMPTED`) stopped on SIGTERM
-after checkpointing (start the same command again to resume); 1 an error
-(configuration, data, workdir and checkpoint errors print their message alone;
-`--verbose` adds the traceback); 2 a command-line usage error.
+or a `--preemption_signals` signal after checkpointing (start the same command
+again to resume); 130 the same after SIGINT; 1 an error (configuration, data,
+workdir and checkpoint errors print their message alone; `--verbose` adds the
+traceback); 2 a command-line usage error.
 """
 
 from __future__ import annotations
@@ -34,13 +41,12 @@ import importlib.util
 import faulthandler
 import os
 import pathlib
-import signal
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ovsw_jax import supervisor
+from ovsw_jax import preemption, supervisor
 
 def _default_config() -> str:
   """The path of `configs/default.py`: the checkout's, else the installed package's.
@@ -78,6 +84,10 @@ flags.DEFINE_integer("heartbeat_timeout_s", 60,
 flags.DEFINE_bool("allow_config_change", False,
                   "Continue the workdir's run although the config changed in a field that "
                   "alters the run (see ovsw_jax/workdir.py).")
+flags.DEFINE_string("preemption_signals", "",
+                    "Comma-separated signals that, besides TERM and INT, make the run save and "
+                    "stop like a preemption (exit 75), e.g. USR1 for SLURM's --signal=USR1@120. "
+                    "Choices: " + ",".join(s.name[3:] for s in preemption.OPTIONAL) + ".")
 flags.DEFINE_bool("verbose", False, "Print tracebacks of errors (normally the message only).")
 flags.mark_flags_as_required(["workdir"])
 
@@ -134,25 +144,31 @@ def main(argv):
   if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
     sys.exit(f"error: --workdir={FLAGS.workdir} is a file, not a directory: give a new or "
              "existing directory.")
+  try:
+    stop_signals = preemption.parse_signals(FLAGS.preemption_signals)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
   if _multi_process_requested() and not supervisor.is_child():
     # A peer's death aborts this process from C++; the parent says what happened.
     sys.exit(supervisor.run_child(sys.argv[1:], process_id=FLAGS.process_id,
-                                  workdir=FLAGS.workdir))
+                                  workdir=FLAGS.workdir, stop_signals=stop_signals))
+  # From here to the process's end: stop signals ask for a save, SIGQUIT
+  # prints every thread's stack (what a stuck run is waiting for).
+  preemption.install(stop_signals)
+  faulthandler.register(preemption.STACK_DUMP_SIGNAL, all_threads=True)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  # `kill -USR1 PID` prints every thread's stack: what a stuck run is waiting for.
-  faulthandler.register(signal.SIGUSR1, all_threads=True)
   _quiet_orbax()
   # Imported here so `--help` stays fast and TF never grabs an accelerator.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
-  from ovsw_jax import preemption, train  # pylint: disable=g-import-not-at-top
+  from ovsw_jax import train  # pylint: disable=g-import-not-at-top
   try:
     _start_processes(FLAGS.config)
     result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir,
                                       allow_config_change=FLAGS.allow_config_change)
   except preemption.Preempted as e:
     logging.warning("%s", e)
-    sys.exit(preemption.EXIT_PREEMPTED)
+    sys.exit(e.exit_status)
   except _user_errors() as e:
     if FLAGS.verbose:
       raise

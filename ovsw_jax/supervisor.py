@@ -6,9 +6,13 @@ both end the process from C++ (gloo's `terminate`, a fatal log, `abort()`):
 no Python code runs after that to say what happened, and the last lines are
 a C++ assertion that talks of a "collective mismatch in your code".
 
-So `main` runs the trainer in a child process and waits. The parent forwards
-SIGTERM/SIGINT (a scheduler's preemption notice) to the child and returns its
-exit status; when the child was ended by a signal, it prints one paragraph
+So `main` runs the trainer in a child process and waits. The parent passes
+each stop signal (SIGTERM, SIGINT, `--preemption_signals`) on to the child as
+SIGTERM, the one signal jax's preemption service listens to (`preemption`
+explains why; the child may get the signal directly too, and stops once);
+a second SIGINT kills the child at once (SIGKILL). SIGQUIT (the stack dump)
+is passed on as it is. It returns the child's exit status, 130 when the stop
+was a SIGINT; when the child was ended by a signal, it prints one paragraph
 that names the likely cause and the way back (start every process again: the
 run resumes from its last checkpoint) and exits 1. The parent imports nothing
 heavy: it costs a few MB and no start-up time.
@@ -21,9 +25,10 @@ import signal
 import subprocess
 import sys
 
+from ovsw_jax import preemption
+
 # Set in the child's environment; a process that sees it trains instead of supervising.
 CHILD_ENV = "OVSW_JAX_SUPERVISED_CHILD"
-_FORWARDED = (signal.SIGTERM, signal.SIGINT)
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -68,23 +73,65 @@ def _die_with_parent() -> None:
     pass
 
 
-def run_child(argv: list[str], *, process_id: int | None, workdir: str) -> int:
+class Forwarder:
+  """What the parent sends its child for each signal, and the exit status it returns."""
+
+  def __init__(self):
+    self.first: signal.Signals | None = None  # the first stop signal received
+    self.interrupts = 0
+    self.killed = False
+
+  def translate(self, signum: int) -> signal.Signals:
+    """The signal to send the child on receiving `signum` (records it)."""
+    signum = signal.Signals(signum)
+    if signum == preemption.STACK_DUMP_SIGNAL:
+      return signum
+    self.first = self.first or signum
+    if signum == signal.SIGINT:
+      self.interrupts += 1
+      if self.interrupts > 1:  # a second Ctrl-C: stop now
+        self.killed = True
+        return signal.SIGKILL
+    return signal.SIGTERM
+
+  def exit_status(self, rc: int) -> int | None:
+    """The parent's exit status for the child's `rc`; None when it ended abnormally."""
+    if self.first == signal.SIGINT and (
+        rc == preemption.EXIT_PREEMPTED or rc == -signal.SIGINT
+        or (self.killed and rc == -signal.SIGKILL)):
+      return preemption.EXIT_INTERRUPTED
+    if rc >= 0:
+      return rc
+    if -rc in preemption.ALWAYS:  # before the child's handlers were installed
+      return 128 - rc
+    return None
+
+
+def run_child(argv: list[str], *, process_id: int | None, workdir: str,
+              stop_signals: tuple[signal.Signals, ...] = preemption.ALWAYS) -> int:
   """Runs `python -m ovsw_jax.main argv...` as a child; returns the exit status to use."""
   env = dict(os.environ, **{CHILD_ENV: "1"})
-  child = subprocess.Popen([sys.executable, "-m", "ovsw_jax.main", *argv], env=env,
-                           preexec_fn=_die_with_parent)
+  forwarder = Forwarder()
+  child = None
 
   def forward(signum, frame):
     del frame
-    if child.poll() is None:
-      child.send_signal(signum)
-  previous = {s: signal.signal(s, forward) for s in _FORWARDED}
+    to_send = forwarder.translate(signum)
+    if child is not None and child.poll() is None:
+      child.send_signal(to_send)
+  handled = tuple(stop_signals) + (preemption.STACK_DUMP_SIGNAL,)
+  previous = {s: signal.signal(s, forward) for s in handled}
   try:
+    child = subprocess.Popen([sys.executable, "-m", "ovsw_jax.main", *argv], env=env,
+                             preexec_fn=_die_with_parent)
+    if forwarder.first is not None:  # arrived while starting the child
+      child.send_signal(signal.SIGTERM)
     rc = child.wait()
   finally:
     for s, handler in previous.items():
       signal.signal(s, handler)
-  if rc < 0 and -rc not in _FORWARDED:
+  status = forwarder.exit_status(rc)
+  if status is None:
     print(abnormal_end_message(rc, process_id, workdir), file=sys.stderr, flush=True)
     return 1
-  return rc if rc >= 0 else 128 - rc
+  return status

@@ -168,15 +168,20 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modul
 
 
 def evaluate(p_eval_step: Callable, state: TrainState, config: ml_collections.ConfigDict,
-             global_batch_size: int, scheme: parallel.Pmap | parallel.Jit) -> dict[str, float]:
+             global_batch_size: int, scheme: parallel.Pmap | parallel.Jit,
+             stop: Callable[[], bool] | None = None) -> dict[str, float] | None:
   """One exact pass over the evaluation split (no example dropped or counted twice).
 
   `p_eval_step` is `eval_step` compiled by `scheme`, `state` replicated by it.
+  `stop` (`Preemption.should_stop`) is asked before every batch; when it says
+  stop, the pass ends there and None is returned instead of partial figures.
   """
   totals = None
   for batch in input_pipeline.eval_iterator(
       config, global_batch_size=global_batch_size,
       process_index=jax.process_index(), process_count=jax.process_count()):
+    if stop is not None and stop():
+      return None
     sums = scheme.unreplicate(p_eval_step(state, scheme.shard(batch)))
     sums = jax.tree.map(np.asarray, sums)
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
@@ -335,7 +340,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   Every process of a multi-process run calls this with the same arguments.
   Raises `preemption.Preempted` after checkpointing when asked to stop
-  (SIGTERM to any process); `NonFiniteLossError` instead of saving a
+  (a stop signal to any process, see `preemption`); `NonFiniteLossError` instead of saving a
   diverged state; `workdir.WorkdirLockedError` when another run trains in
   `workdir`; `workdir.ConfigMismatchError` when `config` would change what the
   workdir's checkpoints mean (unless `allow_config_change`);
@@ -395,9 +400,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, donate: bool,
     checkpointing.save(manager, step, host, force=force)
     last_saved = step
 
-  def evaluate_now():
-    summary = evaluate(loop.eval, rstate, config, eval_batch_size, scheme)
-    summary.update(instruments(host_state()))
+  def evaluate_now(stop):
+    summary = evaluate(loop.eval, rstate, config, eval_batch_size, scheme, stop)
+    if summary is not None:  # None: stopped on request midway
+      summary.update(instruments(host_state()))
     return summary
 
   train_iter = input_pipeline.train_iterator(
@@ -435,7 +441,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, donate: bool,
       train_metrics = update if train_metrics is None else train_metrics.merge(update)
       for hook in hooks:
         hook(done)
-      stop = preempt.stop_at(done)
+      stop = preempt.should_stop()
       last = done == num_steps
       if done % log_every == 0 or last:
         summary = {f"train_{k}": float(v) for k, v in train_metrics.compute().items()}
@@ -445,24 +451,28 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, donate: bool,
             summary[key] = float(step_metrics[key])
         writer.write_scalars(done, summary)
         train_metrics = None
-      if done % eval_every == 0 or last:
+      if (done % eval_every == 0 or last) and not stop:
         _check_loss(*previous)
-        summary = evaluate_now()
-        summary["epoch"] = done / run.steps_per_epoch
-        writer.write_scalars(done, summary)
-        final = summary
-        rstate = loop.start_interval(rstate)
+        summary = evaluate_now(preempt.should_stop)
+        stop = summary is None
+        if not stop:
+          summary["epoch"] = done / run.steps_per_epoch
+          writer.write_scalars(done, summary)
+          final = summary
+          rstate = loop.start_interval(rstate)
       if done % ckpt_every == 0 or last or stop:
         _check_loss(*previous)
         save(done, force=stop)
       if stop:
         checkpointing.wait(manager)
         writer.flush()
-        raise preemption.Preempted(done)
-  if start_step >= num_steps:  # already trained: report the final state again
-    logging.info("The workdir's checkpoint is at step %d of %d: evaluating only.",
-                 start_step, num_steps)
-    final = evaluate_now()
+        raise preemption.Preempted(done, preemption.requested_by())
+    if start_step >= num_steps:  # already trained: report the final state again
+      logging.info("The workdir's checkpoint is at step %d of %d: evaluating only.",
+                   start_step, num_steps)
+      final = evaluate_now(preempt.should_stop)
+      if final is None:
+        raise preemption.Preempted(start_step, preemption.requested_by())
   checkpointing.wait(manager)
   writer.close()
   return final

@@ -1,6 +1,8 @@
-"""The command line: a missing data set stops with instructions; SIGTERM checkpoints."""
+"""The command line: a missing data set stops with instructions; stop signals checkpoint."""
 
+import re
 import signal
+import threading
 import time
 
 import pytest
@@ -25,25 +27,67 @@ def test_unprepared_dataset_gives_instructions_not_a_traceback(tmp_path):
   assert "Traceback" not in out
 
 
-def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
+class Output:
+  """A subprocess's merged output, read by a thread, so waiting for a line has a deadline."""
+
+  def __init__(self, proc):
+    self.proc, self.lines = proc, []
+    self._reader = threading.Thread(target=lambda: self.lines.extend(proc.stdout), daemon=True)
+    self._reader.start()
+
+  def text(self):
+    return "".join(self.lines)
+
+  def wait_for(self, pattern, after=0, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline and self.proc.poll() is None:
+      for line in self.lines[after:]:
+        if re.search(pattern, line):
+          return line
+      time.sleep(0.2)
+    raise AssertionError(f"no line matching {pattern!r}:\n{self.text()[-3000:]}")
+
+  def finish(self, timeout=120):
+    rc = self.proc.wait(timeout=timeout)
+    self._reader.join(timeout=30)
+    return rc, self.text()
+
+
+def checkpoints(workdir):
+  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_stop_signals_save_and_the_run_resumes(tmp_path):
+  # No evaluation and no periodic checkpoint: each stop saves the step it lands on.
+  settings = {"num_train_steps": 100000, "eval_every_epochs": 100000,
+              "checkpoint_every_steps": 100000, "log_every_steps": 5}
+  args = [f"--config={ROOT}/configs/default.py:runlocal", "--workdir=wd"] + [
+      f"--config.{k}={v}" for k, v in settings.items()]
   workdir = tmp_path / "wd"  # given as a relative path: orbax needs it made absolute
-  args = [f"--config={ROOT}/configs/default.py", "--workdir=wd",
-          "--config.model=tiny", "--config.num_train_steps=100000",
-          "--config.checkpoint_every_steps=100000", "--config.log_every_steps=5"]
-  proc = run_main(args, cwd=tmp_path)
-  deadline = time.time() + 240
-  lines = []
-  for line in proc.stdout:  # wait until training is under way
-    lines.append(line)
-    if "train step " in line or time.time() > deadline:
-      break
-  proc.send_signal(signal.SIGTERM)
-  out, _ = proc.communicate(timeout=120)
-  assert proc.returncode == preemption.EXIT_PREEMPTED, "".join(lines) + out
-  steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
-  assert steps and max(steps) >= 5, "SIGTERM must leave a checkpoint of the current step"
-  # A second run resumes from that step.
-  proc = run_main(args[:-3] + ["--config.num_train_steps=%d" % (max(steps) + 2)], cwd=tmp_path)
-  out, _ = proc.communicate(timeout=300)
-  assert proc.returncode == 0, out
-  assert f"Resumed from step {max(steps)}" in out
+
+  # 1. With --preemption_signals=USR1: SIGQUIT prints the stacks and training
+  # goes on; SIGUSR1 saves and stops as a preemption.
+  run = Output(run_main(args + ["--preemption_signals=USR1"], cwd=tmp_path))
+  run.wait_for("train step ")
+  run.proc.send_signal(signal.SIGQUIT)
+  run.wait_for("most recent call first")
+  shown = len(run.lines)
+  run.wait_for("train step ", after=shown)  # still training
+  run.proc.send_signal(signal.SIGUSR1)
+  rc, out = run.finish()
+  assert rc == preemption.EXIT_PREEMPTED, out[-3000:]
+  assert "SIGUSR1 received" in out and "Traceback" not in out
+  (first,) = checkpoints(workdir)
+  assert f"Preempted at step {first}:" in out and first >= 5
+
+  # 2. Resumed (USR1 not asked for this time); Ctrl-C saves and stops with 130.
+  run = Output(run_main(args, cwd=tmp_path))
+  run.wait_for(f"Resumed from step {first}")
+  run.wait_for("train step ")
+  run.proc.send_signal(signal.SIGINT)
+  rc, out = run.finish()
+  assert rc == preemption.EXIT_INTERRUPTED, out[-3000:]
+  assert "Traceback" not in out and "Fatal Python error" not in out, out[-3000:]
+  assert "KeyboardInterrupt" not in out
+  second = checkpoints(workdir)[-1]
+  assert second > first and f"Preempted at step {second}:" in out

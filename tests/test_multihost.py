@@ -187,7 +187,7 @@ def trainer_pid(proc):
 
 def wait_all(procs, limit_s):
   """Exit statuses; on a hang, every trainer's Python stacks go to its log
-  (`kill -USR1`, see main.py) and the test fails with them."""
+  (`kill -QUIT`, see main.py) and the test fails with them."""
   deadline = time.time() + limit_s
   while time.time() < deadline and any(p.poll() is None for p in procs):
     time.sleep(0.5)
@@ -195,7 +195,7 @@ def wait_all(procs, limit_s):
     for p in procs:
       for pid in children(p.pid):
         for trainer in children(pid):
-          os.kill(trainer, signal.SIGUSR1)
+          os.kill(trainer, signal.SIGQUIT)
     time.sleep(3)
     return None
   return [p.returncode for p in procs]
