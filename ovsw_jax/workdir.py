@@ -218,14 +218,18 @@ class WorkdirLock:
 
   `acquire` creates it, or takes over a stale one: a lock not renewed for its
   `lease_s` (from any host; an unreadable lock counts from its modification
-  time), or one of this host whose process is gone (at once). `renew`
+  time), or one of this host whose process is gone (at once). A lock of
+  another host that is not stale yet is watched (with `wait`) until it is
+  renewed (its run is alive: `WorkdirLockedError`) or its lease runs out (taken
+  over), so a requeue on another node right after a kill starts by itself
+  within a lease. A live lock of this host is refused at once. `renew`
   rewrites `renewed`; `start_renewal` does so every `lease_s * RENEW_FRACTION`
   on a daemon thread until `release`. A renewal that finds another token in
   the file (the lease ran out, say while the process was stopped, and another
   run took the lock) sets `lost`, logs an error and renews no more.
 
-  `clock` (seconds since the epoch, compared across hosts), `host` and `pid`
-  are injectable for tests.
+  `clock` (seconds since the epoch, compared across hosts), `sleep`, `host`
+  and `pid` are injectable for tests.
 
   Atomicity: on a local disk (NFS included) the lock is created with an
   exclusive create and taken over by renaming the stale file aside, so of two
@@ -237,7 +241,8 @@ class WorkdirLock:
 
   def __init__(self, workdir: str | os.PathLike, *, lease_s: float = LEASE_S,
                clock: Callable[[], float] = time.time, host: str | None = None,
-               pid: int | None = None):
+               pid: int | None = None, wait: bool = True,
+               sleep: Callable[[float], None] = time.sleep):
     if not lease_s > 0:
       raise ValueError(f"lease_s={lease_s!r} must be a positive number of seconds")
     self.workdir = str(workdir)
@@ -245,6 +250,8 @@ class WorkdirLock:
     self.lease_s = float(lease_s)
     self.lost = False
     self._clock = clock
+    self._sleep = sleep
+    self._wait = wait
     self._host = socket.gethostname() if host is None else host
     self._pid = os.getpid() if pid is None else pid
     self._token = uuid.uuid4().hex
@@ -300,11 +307,32 @@ class WorkdirLock:
     renewed = owner.get("renewed")
     if not isinstance(renewed, (int, float)):  # a lock of a version without leases
       renewed = self._mtime()
-    lease = owner.get("lease_s")
-    lease = float(lease) if isinstance(lease, (int, float)) and lease > 0 else self.lease_s
+    lease = self._owner_lease(owner)
     if renewed is not None and now - renewed > lease:
       return f"it was not renewed for {now - renewed:.0f} s (its lease is {lease:.0f} s)"
     return None
+
+  def _owner_lease(self, owner: dict[str, Any] | None) -> float:
+    lease = (owner or {}).get("lease_s")
+    return float(lease) if isinstance(lease, (int, float)) and lease > 0 else self.lease_s
+
+  def _watch(self, owner: dict[str, Any] | None) -> str | None:
+    """Waits until the lock of another host is renewed (None: alive) or stale (the reason)."""
+    poll = max(self._owner_lease(owner) * RENEW_FRACTION / 4, 0.01)
+    who = f"process {owner.get('pid')} on {owner.get('host')}" if owner else "an unknown owner"
+    logging.warning("%s holds the workdir lock %s: waiting up to its lease (%.0f s) for it to "
+                    "be renewed (that run is alive) or to run out (it is gone).",
+                    who, self.path, self._owner_lease(owner))
+    while True:
+      self._sleep(poll)
+      now = self._read()
+      if now is None and not self.path.exists():
+        return "it was released"
+      if now != owner:
+        return None  # renewed, or taken by another run
+      reason = self.stale_reason(owner)
+      if reason is not None:
+        return reason
 
   def _locked_error(self, owner: dict[str, Any] | None) -> WorkdirLockedError:
     if owner is None:
@@ -353,8 +381,12 @@ class WorkdirLock:
         return
       owner = self._read()
       reason = self.stale_reason(owner)
+      if reason is None and self._wait and (owner is None or owner.get("host") != self._host):
+        reason = self._watch(owner)
+        if reason == "it was released":
+          continue
       if reason is None:
-        raise self._locked_error(owner)
+        raise self._locked_error(self._read())
       if self._remove_stale(owner):
         who = f"process {owner.get('pid')} on {owner.get('host')}" if owner else "its owner"
         logging.warning("Taking over the lock %s of %s: %s.", self.path, who, reason)

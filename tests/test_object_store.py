@@ -119,7 +119,8 @@ def test_the_workdir_lock_on_the_object_store(bucket):
   owner = workdir.WorkdirLock(path, lease_s=60, clock=lambda: clock[0], host="node-a")
   owner.acquire()
   assert (bucket / "locked" / workdir.LOCK_FILE).is_file()
-  other = workdir.WorkdirLock(path, lease_s=60, clock=lambda: clock[0], host="node-b")
+  other = workdir.WorkdirLock(path, lease_s=60, clock=lambda: clock[0], host="node-b",
+                              wait=False)
   clock[0] += 30
   with pytest.raises(workdir.WorkdirLockedError, match="node-a"):
     other.acquire()

@@ -23,8 +23,8 @@ class Clock:
     return self.now
 
 
-def held(path, clock, host, **kwargs):
-  lock = workdir.WorkdirLock(str(path), lease_s=60, clock=clock, host=host, **kwargs)
+def held(path, clock, host, wait=False, **kwargs):
+  lock = workdir.WorkdirLock(str(path), lease_s=60, clock=clock, host=host, wait=wait, **kwargs)
   lock.acquire()
   return lock
 
@@ -71,10 +71,44 @@ def test_the_renewal_thread_keeps_a_short_lease_alive(tmp_path):
     renewed = owner_of(tmp_path)["renewed"]
     time.sleep(0.6)  # longer than the lease
     assert owner_of(tmp_path)["renewed"] > renewed
-    with pytest.raises(workdir.WorkdirLockedError):
-      held(tmp_path, time.time, "node-b")
+    with pytest.raises(workdir.WorkdirLockedError):  # watched, and seen renewed
+      held(tmp_path, time.time, "node-b", wait=True)
     assert not lease.lost
   assert not (tmp_path / workdir.LOCK_FILE).exists()
+
+
+def test_a_start_on_another_host_waits_for_the_lease_to_run_out(tmp_path, caplog):
+  # A requeue on another node right after its owner was killed: no one renews
+  # the lock any more, so the start waits out the lease and takes it over.
+  clock = Clock()
+  held(tmp_path, clock, "node-a")
+  clock.now += 20
+  naps = []
+
+  def sleep(seconds):
+    naps.append(seconds)
+    clock.now += seconds
+  caplog.set_level("WARNING")
+  held(tmp_path, clock, "node-b", wait=True, sleep=sleep)
+  assert owner_of(tmp_path)["host"] == "node-b"
+  poll = 60 * workdir.RENEW_FRACTION / 4
+  assert 40 < sum(naps) <= 40 + poll and set(naps) == {poll}
+  assert "waiting up to its lease" in caplog.text and "Taking over" in caplog.text
+
+
+def test_a_start_on_another_host_stops_when_the_lock_is_renewed(tmp_path):
+  clock = Clock()
+  first = held(tmp_path, clock, "node-a")
+  naps = []
+
+  def sleep(seconds):  # the owner renews during the third nap
+    naps.append(seconds)
+    clock.now += seconds
+    if len(naps) == 3:
+      first.renew()
+  with pytest.raises(workdir.WorkdirLockedError, match="node-a"):
+    held(tmp_path, clock, "node-b", wait=True, sleep=sleep)
+  assert len(naps) == 3 and owner_of(tmp_path)["host"] == "node-a"
 
 
 def test_a_dead_process_of_this_host_is_taken_over_at_once(tmp_path):
