@@ -442,7 +442,8 @@ def lock(workdir: str, *, take: bool = True, lease_s: float = LEASE_S,
          clock: Callable[[], float] = time.time) -> Iterator[WorkdirLock | None]:
   """Holds `workdir/run.lock` for the duration of a run (only where `take`), renewing it.
 
-  Raises `WorkdirLockedError` naming the owner when another live run holds it.
+  Raises `WorkdirLockedError` naming the owner when another live run holds it
+  (a lock of another host is first watched for up to its lease: see `WorkdirLock`).
   """
   if not take:
     yield None
