@@ -39,6 +39,8 @@ from etils import epath
 from ovsw_jax import multihost
 
 DIGEST_KEY = "ovsw_state_sha256"
+# The run's config, beside the digest in each checkpoint's custom metadata.
+CONFIG_KEY = "ovsw_config"
 _ITEM = "default"  # orbax's item folder for a single-item manager
 
 
@@ -128,18 +130,36 @@ def state_digest(state: Any) -> str:
   return h.hexdigest()
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, *, force: bool = False) -> bool:
+def save(manager: ocp.CheckpointManager, step: int, state: Any, *, force: bool = False,
+         config: dict[str, Any] | None = None) -> bool:
   """Saves the host-local `state` under `step` (asynchronously; `wait` before exiting).
 
   Every process of a run calls it with the same state. The state's digest is
-  stored in the checkpoint's metadata and checked on restore.
+  stored in the checkpoint's metadata and checked on restore; `config` (the
+  run's `workdir.config_record`) is stored beside it, the record of what the
+  state was trained with (`saved_config`).
   """
   digest = state_digest(state)
+  metadata = {DIGEST_KEY: digest}
+  if config is not None:
+    metadata[CONFIG_KEY] = config
   try:
     return manager.save(step, args=ocp.args.StandardSave(multihost.to_global(state)),
-                        force=force, custom_metadata={DIGEST_KEY: digest})
+                        force=force, custom_metadata=metadata)
   except Exception as e:  # pylint: disable=broad-except
     raise _save_error(manager, e, step) from e
+
+
+def saved_config(manager: ocp.CheckpointManager) -> dict[str, Any] | None:
+  """The config saved with the newest checkpoint that has a readable one, or None."""
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      config = (manager.metadata(step).custom_metadata or {}).get(CONFIG_KEY)
+    except Exception:  # pylint: disable=broad-except
+      continue  # unreadable metadata: a damaged checkpoint, left to the restore
+    if isinstance(config, dict):
+      return config
+  return None
 
 
 def wait(manager: ocp.CheckpointManager) -> None:

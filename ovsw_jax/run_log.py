@@ -7,7 +7,10 @@ The trainer writes its scalars through one clu `MetricWriter` made by
   whole config as hparams (`flatten_hparams`: dotted keys such as `ovsw.delta`).
 - `WORKDIR/metrics.jsonl` (process 0): one JSON object per write,
   `{"step": N, "kind": "train" | "eval", ...scalars}`, appended (a resumed run
-  continues the file) and flushed at once (a killed run keeps its lines). The
+  continues the file) and flushed at once (a killed run keeps its lines). A
+  last line torn by a crash mid-write is repaired first (`repair_torn_line`),
+  so the next record starts on a line of its own. Written through
+  `etils.epath`: the workdir may be on an object store (`gs://...`). The
   reproduction study (`ovsw_jax.repro.events`) reads this file.
 - the log (every process): one short line per write (`train_line`,
   `eval_line`) with the overall figures, steps/s and ETA; per-layer keys
@@ -16,6 +19,7 @@ The trainer writes its scalars through one clu `MetricWriter` made by
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -25,8 +29,9 @@ import time
 from typing import Any, Callable, Mapping
 
 from clu import metric_writers
+from etils import epath
 
-from ovsw_jax.workdir import METRICS_FILE
+from ovsw_jax.workdir import METRICS_FILE, write_atomically
 
 
 def flatten_hparams(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -162,15 +167,49 @@ def _json_value(value: Any) -> Any:
   return value if isinstance(value, (bool, int, str)) else float(value)
 
 
+def repair_torn_line(path: str | os.PathLike) -> str | None:
+  """Ends a JSON-lines file on a whole line; returns what was done (also logged), or None.
+
+  A last line without its newline (the writer was killed mid-write) is
+  terminated if it is a whole record, else cut off; appending to it as it is
+  would glue the next record to the fragment and lose both to every reader.
+  """
+  path = epath.Path(path)
+  if not path.exists():
+    return None
+  data = path.read_bytes()
+  if not data or data.endswith(b"\n"):
+    return None
+  head, newline, tail = data.rpartition(b"\n")
+  try:
+    whole = isinstance(json.loads(tail), dict)
+  except ValueError:
+    whole = False
+  if whole:
+    write_atomically(path, data + b"\n")
+    done = f"terminated its last line (a whole record without its newline, {len(tail)} bytes)"
+  else:
+    write_atomically(path, head + newline)
+    done = f"cut its torn last line ({len(tail)} bytes, not a whole record)"
+  logging.warning("%s ended mid-line (a write was interrupted): %s.", path, done)
+  return done
+
+
 class JsonLinesWriter(_ScalarsOnly):
   """Appends each `write_scalars` to a JSON-lines file, flushed at once.
 
   One object per write: `{"step": N, "kind": "train" | "eval", ...scalars}`
-  (`kind_of`). Everything but scalars is ignored.
+  (`kind_of`). Everything but scalars is ignored. The file is opened through
+  `etils.epath` (local or object store) after `repair_torn_line`. On an object
+  store each flush uploads the whole file again (objects cannot be appended to).
   """
 
   def __init__(self, path: str | os.PathLike):
-    self._file = open(path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+    path = epath.Path(path)
+    repair_torn_line(path)
+    self._stack = contextlib.ExitStack()
+    # epath's open is a context manager on object stores: the stack keeps it open.
+    self._file = self._stack.enter_context(path.open("a"))
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     record = {"step": int(step), "kind": kind_of(scalars)}
@@ -182,7 +221,7 @@ class JsonLinesWriter(_ScalarsOnly):
     self._file.flush()
 
   def close(self):
-    self._file.close()
+    self._stack.close()
 
 
 class RunWriter(metric_writers.MultiWriter):
@@ -212,5 +251,5 @@ def create_writer(workdir: str, *, num_steps: int, start_step: int,
   tensorboard = None
   if is_main:
     tensorboard = metric_writers.SummaryWriter(workdir)
-    writers += [tensorboard, JsonLinesWriter(os.path.join(workdir, METRICS_FILE))]
+    writers += [tensorboard, JsonLinesWriter(epath.Path(workdir) / METRICS_FILE)]
   return RunWriter(writers, tensorboard)

@@ -367,7 +367,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, donate: bool,
   manager = checkpointing.create_manager(f"{workdir}/checkpoints",
                                          max_to_keep=config.keep_checkpoints)
   workdir_lib.check_config(workdir, config, has_checkpoint=bool(manager.all_steps()),
-                           allow_change=allow_config_change, write=jax.process_index() == 0)
+                           allow_change=allow_config_change, write=jax.process_index() == 0,
+                           checkpoint_config=lambda: checkpointing.saved_config(manager))
+  record = workdir_lib.config_record(config)  # saved in every checkpoint
   run = setup(config)
   num_steps = _num_steps(config, run.steps_per_epoch)
   state = checkpointing.restore_latest(manager, run.initial_state)
@@ -397,7 +399,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, donate: bool,
     nonlocal last_saved
     host = host_state()
     _check_finite(host, step, last_saved)
-    checkpointing.save(manager, step, host, force=force)
+    checkpointing.save(manager, step, host, force=force, config=record)
     last_saved = step
 
   def evaluate_now(stop):

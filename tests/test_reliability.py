@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -156,6 +157,23 @@ def test_nonfinite_leaves_names_the_tensors():
   assert train.nonfinite_leaves(tree) == ["['b']['c']"]
 
 
+def test_a_damaged_record_is_checked_against_the_config_in_the_checkpoints(run_dir, caplog):
+  # A truncated config.json no longer lets a changed seed train on over the run:
+  # the config saved in the newest checkpoint stands in for it.
+  before = listing(run_dir)
+  path = run_dir / workdir.CONFIG_FILE
+  path.write_text(path.read_text()[:100])
+  with pytest.raises(workdir.ConfigMismatchError, match="seed: 0 -> 1") as e:
+    train.train_and_evaluate(runlocal(num_train_steps=8, seed=1), str(run_dir))
+  assert "saved in the newest checkpoint" in str(e.value)
+  assert listing(run_dir) == before
+  caplog.set_level("WARNING")
+  result = train.train_and_evaluate(runlocal(num_train_steps=6), str(run_dir))
+  assert np.isfinite(result["eval_loss"]) and steps_on_disk(run_dir) == [2, 4, 6]
+  assert "is damaged: not valid JSON" in caplog.text
+  assert json.loads(path.read_text())["num_train_steps"] == 6  # recorded again
+
+
 # 4. One run per workdir.
 def test_a_second_run_on_a_held_workdir_stops_at_once(run_dir):
   before = listing(run_dir)
@@ -173,6 +191,29 @@ def test_a_stale_lock_is_taken_over(run_dir):
       {"pid": dead.pid, "host": os.uname().nodename, "started": "earlier"}))
   train.train_and_evaluate(runlocal(num_train_steps=6), str(run_dir))
   assert steps_on_disk(run_dir) == [2, 4, 6]
+
+
+def test_a_lock_of_another_host_is_taken_over_once_its_lease_expired(run_dir, caplog):
+  (run_dir / workdir.LOCK_FILE).write_text(json.dumps(
+      {"pid": 1, "host": "requeued-from", "token": "t", "started": "earlier",
+       "renewed": time.time() - 3600, "lease_s": 60}))
+  caplog.set_level("WARNING")
+  train.train_and_evaluate(runlocal(num_train_steps=6), str(run_dir))
+  assert steps_on_disk(run_dir) == [2, 4, 6]
+  assert "Taking over the lock" in caplog.text and "requeued-from" in caplog.text
+  assert not (run_dir / workdir.LOCK_FILE).exists()
+
+
+def test_a_renewed_lock_of_another_host_stops_the_run(run_dir):
+  other = workdir.WorkdirLock(str(run_dir), lease_s=1.0, host="other-node", pid=1)
+  other.acquire()
+  other.start_renewal()  # every 0.25 s: the start sees it renewed within a lease
+  try:
+    with pytest.raises(workdir.WorkdirLockedError, match="other-node"):
+      train.train_and_evaluate(runlocal(num_train_steps=6), str(run_dir))
+  finally:
+    other.release()
+  assert steps_on_disk(run_dir) == [2, 4]
 
 
 # 5. + 10. A damaged newest checkpoint is moved aside and its step saved again.

@@ -75,6 +75,34 @@ def test_json_lines_append_and_kind(tmp_path):
   assert records[1]["flip_ratio/a/b"] == 0.5 and records[0]["train_loss"] == 0.5
 
 
+@pytest.mark.parametrize("tail,kept,message", [
+    ('{"step": 6, "kind": "tra', [2, 4], "cut its torn last line"),
+    ('{"step": 6, "kind": "train", "train_loss": 0.25}', [2, 4, 6], "terminated its last line"),
+])
+def test_a_torn_last_line_is_repaired_before_appending(tmp_path, caplog, tail, kept, message):
+  # A run killed mid-write leaves its last line without a newline; the next
+  # run's first record must start on a line of its own.
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 2, "kind": "train"}\n{"step": 4, "kind": "eval"}\n' + tail)
+  caplog.set_level("WARNING")
+  writer = run_log.JsonLinesWriter(path)
+  writer.write_scalars(8, {"train_loss": 0.5})
+  writer.close()
+  assert [r["step"] for r in read_jsonl(path)] == kept + [8]  # every line parses
+  assert message in caplog.text and str(path) in caplog.text
+
+
+def test_a_whole_file_is_left_as_it_is(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  assert run_log.repair_torn_line(path) is None and not path.exists()
+  path.write_text('{"step": 2}\n')
+  assert run_log.repair_torn_line(path) is None
+  assert path.read_text() == '{"step": 2}\n'
+  path.write_text('{"st')  # a torn first line: nothing of it is kept
+  assert "cut" in run_log.repair_torn_line(path)
+  assert path.read_text() == ""
+
+
 def test_read_scalars_last_write_wins_and_skips_a_cut_line(tmp_path):
   (tmp_path / "metrics.jsonl").write_text(
       '{"step": 2, "kind": "eval", "eval_accuracy": 0.1}\n'

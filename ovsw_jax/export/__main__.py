@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import sys
 
 from absl import app, flags, logging
+from etils import epath
 import ml_collections
 from ml_collections import config_flags
 
@@ -40,30 +40,50 @@ class UsageError(Exception):
 
 
 def _config_of_workdir(workdir: str):
-  """--config if given, else the workdir's recorded config (checked before heavy imports)."""
-  if not pathlib.Path(workdir).is_dir():
+  """--config if given, else the workdir's recorded config (checked before heavy imports).
+
+  A missing or damaged `config.json` is stood in for by the config saved in
+  the newest checkpoint (`checkpointing.saved_config`), when there is one.
+  """
+  if not epath.Path(workdir).is_dir():
     raise UsageError(f"workdir {workdir} does not exist.")
   if FLAGS.config is not None:
     return FLAGS.config
-  path = pathlib.Path(workdir, CONFIG_FILE)
-  if not path.is_file():
-    raise UsageError(f"{workdir} has no {CONFIG_FILE}: give the run's config with "
-                     "--config=FILE[:ARG] (as given to ovsw_jax.main).")
+  path = epath.Path(workdir) / CONFIG_FILE
   try:
     return ml_collections.ConfigDict(json.loads(path.read_text()))
-  except ValueError as e:
-    raise UsageError(f"{path} is not a readable config ({e}); give --config=FILE[:ARG].") from None
+  except (OSError, ValueError) as e:
+    problem = (f"{workdir} has no {CONFIG_FILE}" if not path.exists()
+               else f"{path} is not a readable config ({e})")
+  saved = _saved_config(workdir)
+  if saved is None:
+    raise UsageError(f"{problem}, and no checkpoint carries the run's config: give it with "
+                     "--config=FILE[:ARG] (as given to ovsw_jax.main).")
+  logging.warning("%s: using the config saved in the newest checkpoint.", problem)
+  return ml_collections.ConfigDict(saved)
 
 
-def _check_checkpoints(workdir: str) -> pathlib.Path:
-  ckpt_dir = pathlib.Path(workdir, "checkpoints")
+def _saved_config(workdir: str) -> dict | None:
+  ckpt_dir = epath.Path(workdir) / "checkpoints"
+  if not ckpt_dir.is_dir():
+    return None
+  from ovsw_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  manager = checkpointing.create_manager(str(ckpt_dir))
+  try:
+    return checkpointing.saved_config(manager)
+  finally:
+    manager.close()
+
+
+def _check_checkpoints(workdir: str) -> epath.Path:
+  ckpt_dir = epath.Path(workdir) / "checkpoints"
   if not ckpt_dir.is_dir() or not any(ckpt_dir.iterdir()):
     raise UsageError(f"no checkpoint in {ckpt_dir}: train first with "
                      f"`python -m ovsw_jax.main --workdir={workdir}`.")
   return ckpt_dir
 
 
-def _restore(config, ckpt_dir: pathlib.Path):
+def _restore(config, ckpt_dir: epath.Path):
   """The run's data info and train state from the newest restorable checkpoint."""
   from ovsw_jax import checkpointing, train  # pylint: disable=g-import-not-at-top
   setup = train.setup(config)
@@ -107,7 +127,7 @@ def export_run(workdir: str, out: str) -> None:
 def evaluate_file(path: str) -> None:
   if FLAGS.config is None:
     raise UsageError("--evaluate needs --config=FILE[:ARG] for the test split.")
-  if not pathlib.Path(path).is_file():
+  if not epath.Path(path).is_file():
     raise UsageError(f"{path} does not exist or is not a file; give the path of an export.")
   from ovsw_jax import export, input_pipeline  # pylint: disable=g-import-not-at-top
   from ovsw_jax.export import evaluation  # pylint: disable=g-import-not-at-top

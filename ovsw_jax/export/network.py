@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import pathlib
 from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import numpy as np
+from etils import epath
 
 from ovsw_jax import models
 from ovsw_jax.export import build
@@ -149,7 +149,7 @@ def validate(net: ExportedNetwork, traced=None) -> list[LayerCall]:
 def save(net: ExportedNetwork, path) -> int:
   """Writes `net` to `path`; returns the file size in bytes."""
   data = net.to_bytes()
-  pathlib.Path(path).write_bytes(data)
+  epath.Path(path).write_bytes(data)
   return len(data)
 
 
@@ -168,7 +168,7 @@ def load(path) -> ExportedNetwork:
     ExportError: the file is missing, unreadable, of another format/version,
       corrupted, or does not match the model its header names.
   """
-  path = pathlib.Path(path)
+  path = epath.Path(path)
   if not path.is_file():
     raise ExportError(f"{path} does not exist or is not a file; give the path of an export.")
   return from_bytes(path.read_bytes(), source=str(path))

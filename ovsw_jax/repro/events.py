@@ -11,11 +11,10 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
-import os
-import pathlib
 import re
 
 import numpy as np
+from etils import epath
 
 from ovsw_jax.workdir import METRICS_FILE
 
@@ -36,16 +35,20 @@ class Run:
     seed: the seed, or 0 if unknown.
     info: the contents of its `run.json` (empty if there is none).
   """
-  path: pathlib.Path
+  path: epath.Path
   group: str
   arm: str
   seed: int
   info: dict
 
 
-def metrics_file(workdir) -> pathlib.Path:
+# Directory levels `find_runs` descends at most (a symbolic link loop ends there).
+MAX_DEPTH = 16
+
+
+def metrics_file(workdir) -> epath.Path:
   """The JSON-lines metrics file of a run (`workdir.METRICS_FILE`)."""
-  return pathlib.Path(workdir, METRICS_FILE)
+  return epath.Path(workdir) / METRICS_FILE
 
 
 def read_scalars(workdir) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -54,7 +57,7 @@ def read_scalars(workdir) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   Read from the run's `metrics.jsonl`; a line cut short by a killed run is skipped.
   """
   by_tag: dict[str, dict[int, float]] = {}
-  with open(metrics_file(workdir), encoding="utf-8") as f:
+  with metrics_file(workdir).open("r") as f:
     for line in f:
       try:
         record = json.loads(line)
@@ -80,11 +83,9 @@ def find_runs(root) -> list[Run]:
   followed, so a run can be shared by two groups (say, a vanilla baseline
   that does not depend on the parameter a group changes).
   """
-  root = pathlib.Path(root)
+  root = epath.Path(root)
   runs = []
-  for dirpath, dirnames, _ in os.walk(root, followlinks=True):
-    dirnames[:] = sorted(d for d in dirnames if d != "checkpoints")
-    path = pathlib.Path(dirpath)
+  for path in _directories(root):
     if not metrics_file(path).is_file():
       continue
     parts = list(path.relative_to(root).parts)
@@ -108,6 +109,20 @@ def find_runs(root) -> list[Run]:
   order = {a: i for i, a in enumerate(ARMS)}
   runs.sort(key=lambda r: (r.group, order.get(r.arm, len(ARMS)), r.arm, r.seed))
   return runs
+
+
+def _directories(root: epath.Path, depth: int = 0):
+  """`root` and the directories below it, sorted, through `epath` (local or object store).
+
+  Checkpoint folders are not entered; local symbolic links are followed.
+  """
+  yield root
+  if depth >= MAX_DEPTH:
+    return
+  children = sorted((p for p in root.iterdir() if p.name != "checkpoints" and p.is_dir()),
+                    key=lambda p: p.name)
+  for child in children:
+    yield from _directories(child, depth + 1)
 
 
 def group_runs(runs: list[Run], patterns=None) -> dict[str, list[Run]]:

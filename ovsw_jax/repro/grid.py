@@ -20,9 +20,9 @@ from __future__ import annotations
 import ast
 import dataclasses
 import itertools
-import pathlib
 from typing import Sequence
 
+from etils import epath
 import numpy as np
 
 from ovsw_jax.repro import events, run as run_lib, tables
@@ -97,14 +97,14 @@ def point_config(point: dict[str, object], *, dataset: str, arm: str, base: dict
 
 def run_grid(workdir, group: str, axes: Sequence[Axis], *, seeds: Sequence[int] = (0,),
              dataset: str = "digits", arm: str = "ovsw", overrides: dict | None = None,
-             dry_run: bool = False) -> pathlib.Path:
+             dry_run: bool = False) -> epath.Path:
   """Trains every (point, seed) in turn (or, `dry_run`, only prints them); returns the group dir."""
   base = {**run_lib.STUDY_OVERRIDES, **(overrides or {})}
   for point in points(axes):
     config = point_config(point, dataset=dataset, arm=arm, base=base)
     for seed in seeds:
       config.seed = seed
-      path = pathlib.Path(workdir, group, point_name(point), f"seed{seed}")
+      path = epath.Path(workdir, group, point_name(point), f"seed{seed}")
       if dry_run:
         print(path)
         continue
@@ -117,7 +117,7 @@ def run_grid(workdir, group: str, axes: Sequence[Axis], *, seeds: Sequence[int] 
       print(f"[{group}] {point_name(point)} seed {seed}: test accuracy "
             f"{result['eval_accuracy']:.4f}, silent ratio {result['silent_ratio']:.4f} "
             f"({result.get('train_seconds', 0.0):.0f} s)", flush=True)
-  return pathlib.Path(workdir, group)
+  return epath.Path(workdir, group)
 
 
 def collect(group_dir) -> tuple[list[str], list[dict]]:
@@ -162,7 +162,7 @@ def _numeric(values) -> bool:
   return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
 
-def plot(keys: Sequence[str], rows: list[dict], path, title: str = "") -> pathlib.Path:
+def plot(keys: Sequence[str], rows: list[dict], path, title: str = "") -> epath.Path:
   """Silent ratio, final accuracy and peak flip ratio against the first axis,
   one line per combination of the other axes (error bars: std over seeds)."""
   # pylint: disable=g-import-not-at-top
@@ -199,14 +199,14 @@ def plot(keys: Sequence[str], rows: list[dict], path, title: str = "") -> pathli
   if title:
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=plots.DPI)
+  path = plots.save_figure(fig, path)
   plt.close(fig)
-  return pathlib.Path(path)
+  return epath.Path(path)
 
 
-def write_report(group_dir, out_dir, prefix: str = "grid") -> list[pathlib.Path]:
+def write_report(group_dir, out_dir, prefix: str = "grid") -> list[epath.Path]:
   """`<prefix>.csv`, `<prefix>.md` and `<prefix>.png` of the grid in `group_dir`."""
-  out_dir = pathlib.Path(out_dir)
+  out_dir = epath.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   keys, rows = collect(group_dir)
   if not rows:
@@ -214,7 +214,7 @@ def write_report(group_dir, out_dir, prefix: str = "grid") -> list[pathlib.Path]
   tables.write_csv(out_dir / f"{prefix}.csv", rows)
   (out_dir / f"{prefix}.md").write_text(markdown(keys, rows))
   plot(keys, rows, out_dir / f"{prefix}.png",
-       title=f"{pathlib.Path(group_dir).name}: {rows[0]['epochs']:.3g} epochs, "
+       title=f"{epath.Path(group_dir).name}: {rows[0]['epochs']:.3g} epochs, "
              f"{'/'.join(sorted({str(r['n']) for r in rows}))} seed(s) per point")
   return [out_dir / f"{prefix}.{ext}" for ext in ("csv", "md", "png")]
 

@@ -20,12 +20,12 @@ is the same optimizer. Rows cover SGD (the paper's) and Adam.
 
 from __future__ import annotations
 
-import pathlib
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 import numpy as np
 
 from ovsw_jax.optim.chain import binary_weight_mask
@@ -151,9 +151,9 @@ def main(argv):
   print(text)
   out = flags.FLAGS.out
   if out:
-    pathlib.Path(out).mkdir(parents=True, exist_ok=True)
-    tables.write_csv(pathlib.Path(out, "memory.csv"), rows)
-    pathlib.Path(out, "memory.md").write_text(text)
+    epath.Path(out).mkdir(parents=True, exist_ok=True)
+    tables.write_csv(epath.Path(out, "memory.csv"), rows)
+    epath.Path(out, "memory.md").write_text(text)
 
 
 if __name__ == "__main__":

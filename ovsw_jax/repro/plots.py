@@ -19,9 +19,10 @@ The prefix is the group's name (see `tables.prefix_of`).
 
 from __future__ import annotations
 
-import pathlib
+import io
 from typing import Sequence
 
+from etils import epath
 from absl import app, flags, logging
 import matplotlib
 matplotlib.use("Agg")
@@ -33,6 +34,15 @@ from ovsw_jax.repro import events, snapshot, tables  # pylint: disable=wrong-imp
 COLORS = {"vanilla": "tab:blue", "ags": "tab:green", "sad": "tab:purple", "ovsw": "tab:red"}
 LABELS = {"vanilla": "vanilla", "ags": "AGS only", "sad": "SAD only", "ovsw": "OvSW"}
 DPI = 100
+
+
+def save_figure(fig, path) -> epath.Path:
+  """Writes `fig` as a PNG to `path` through `epath` (the folder may be on an object store)."""
+  path = epath.Path(path)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=DPI)
+  path.write_bytes(buf.getvalue())
+  return path
 
 
 def _color(arm: str, i: int) -> str:
@@ -69,7 +79,7 @@ def _by_arm(runs: list[events.Run]) -> dict[str, list[events.Run]]:
 
 def plot_histograms(runs: list[events.Run], out_dir, prefix: str,
                     layers: str | Sequence[str] = "first,last",
-                    bins: int = 60) -> list[pathlib.Path]:
+                    bins: int = 60) -> list[epath.Path]:
   """(a): per layer, initial latent weights, all vs never flipped, per arm."""
   by_arm = _by_arm(runs)
   arms = [a for a in ("vanilla", "ovsw") if a in by_arm] or list(by_arm)
@@ -102,8 +112,8 @@ def plot_histograms(runs: list[events.Run], out_dir, prefix: str,
     axes[0][0].set_ylabel("count")
     fig.suptitle(f"{layer}: weights that never changed sign", fontsize=10)
     fig.tight_layout()
-    path = pathlib.Path(out_dir, f"{prefix}hist_{layer.replace('/', '_')}.png")
-    fig.savefig(path, dpi=DPI)
+    path = epath.Path(out_dir, f"{prefix}hist_{layer.replace('/', '_')}.png")
+    save_figure(fig, path)
     plt.close(fig)
     written.append(path)
   return written
@@ -140,7 +150,7 @@ def _draw(ax, curve, arm: str, i: int, scale: float = 100.0, **kw) -> None:
 
 
 def plot_curves(runs: list[events.Run], scalars: dict, out_dir, prefix: str,
-                layer: str | None = None) -> pathlib.Path:
+                layer: str | None = None) -> epath.Path:
   """(b): flip ratio, silent ratio and test accuracy against epoch, every arm.
 
   The flip ratio is overall (solid) and, if `layer` is given, that layer's
@@ -174,14 +184,14 @@ def plot_curves(runs: list[events.Run], scalars: dict, out_dir, prefix: str,
     ax.grid(alpha=0.3)
   axes[2].legend(fontsize=8, loc="lower right")
   fig.tight_layout()
-  path = pathlib.Path(out_dir, f"{prefix}curves.png")
-  fig.savefig(path, dpi=DPI)
+  path = epath.Path(out_dir, f"{prefix}curves.png")
+  save_figure(fig, path)
   plt.close(fig)
   return path
 
 
 def plot_ovsw_fractions(runs: list[events.Run], scalars: dict, out_dir,
-                        prefix: str) -> pathlib.Path | None:
+                        prefix: str) -> epath.Path | None:
   """(c): SAD's silent fraction and AGS's scaled fraction against step."""
   by_arm = _by_arm(runs)
   tags = (("silent_fraction", "SAD: silent weights (tracker < threshold) (%)"),
@@ -199,17 +209,17 @@ def plot_ovsw_fractions(runs: list[events.Run], scalars: dict, out_dir,
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=8, loc="best")
   fig.tight_layout()
-  path = pathlib.Path(out_dir, f"{prefix}ovsw_fractions.png")
-  fig.savefig(path, dpi=DPI)
+  path = epath.Path(out_dir, f"{prefix}ovsw_fractions.png")
+  save_figure(fig, path)
   plt.close(fig)
   return path
 
 
 def write_plots(workdir, out_dir, layers: str | Sequence[str] | None = None,
-                groups: Sequence[str] | None = None) -> list[pathlib.Path]:
+                groups: Sequence[str] | None = None) -> list[epath.Path]:
   """Draws every figure for every group under `workdir` (or for those matching
   `groups`, shell patterns); returns the files."""
-  out_dir = pathlib.Path(out_dir)
+  out_dir = epath.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   runs = events.find_runs(workdir)
   if not runs:
@@ -231,7 +241,7 @@ def write_plots(workdir, out_dir, layers: str | Sequence[str] | None = None,
 
 def main(argv):
   del argv
-  out = flags.FLAGS.out or str(pathlib.Path(flags.FLAGS.workdir, "report"))
+  out = flags.FLAGS.out or str(epath.Path(flags.FLAGS.workdir, "report"))
   for path in write_plots(flags.FLAGS.workdir, out, flags.FLAGS.layers, flags.FLAGS.groups):
     print(path)
 

@@ -29,6 +29,7 @@ import sys
 import time
 from typing import Iterable, Sequence
 
+from etils import epath
 from absl import app, flags, logging
 import ml_collections
 
@@ -87,9 +88,9 @@ def apply_overrides(config: ml_collections.ConfigDict,
   return config
 
 
-def run_dir(workdir, group: str, arm: str, seed: int) -> pathlib.Path:
+def run_dir(workdir, group: str, arm: str, seed: int) -> epath.Path:
   """Where the run of (group, arm, seed) lives."""
-  return pathlib.Path(workdir, group, arm, f"seed{seed}")
+  return epath.Path(workdir, group, arm, f"seed{seed}")
 
 
 def train_one(config: ml_collections.ConfigDict, path, info: dict) -> dict:
@@ -100,7 +101,7 @@ def train_one(config: ml_collections.ConfigDict, path, info: dict) -> dict:
   # pylint: disable=g-import-not-at-top
   from ovsw_jax import input_pipeline, train
   from ovsw_jax.repro import snapshot
-  path = pathlib.Path(path)
+  path = epath.Path(path)
   result_file = path / "result.json"
   if result_file.exists():
     return json.loads(result_file.read_text())
@@ -118,7 +119,7 @@ def train_one(config: ml_collections.ConfigDict, path, info: dict) -> dict:
 def run_study(workdir, *, dataset: str = "digits", arms: Sequence[str] = (
     "vanilla", "ags", "sad", "ovsw"), seeds: Sequence[int] = (0, 1, 2),
               group: str | None = None, overrides: dict | None = None,
-              report: bool = True) -> pathlib.Path:
+              report: bool = True) -> epath.Path:
   """Trains every (arm, seed) in turn; returns the group's directory.
 
   `overrides` (dotted config fields) apply after the study's own
@@ -137,18 +138,18 @@ def run_study(workdir, *, dataset: str = "digits", arms: Sequence[str] = (
       print(f"[{group}] {arm} seed {seed}: test accuracy "
             f"{result['eval_accuracy']:.4f}, silent ratio {result['silent_ratio']:.4f} "
             f"({result.get('train_seconds', 0.0):.0f} s)", flush=True)
-  group_dir = pathlib.Path(workdir, group)
+  group_dir = epath.Path(workdir, group)
   if report:
     write_report(group_dir)
   return group_dir
 
 
-def write_report(group_dir, out_dir=None, layers=None) -> pathlib.Path:
+def write_report(group_dir, out_dir=None, layers=None) -> epath.Path:
   """Tables and figures of the runs under `group_dir`, into `out_dir` (default
   `group_dir/report`)."""
   # pylint: disable=g-import-not-at-top
   from ovsw_jax.repro import plots, tables
-  out_dir = pathlib.Path(out_dir or pathlib.Path(group_dir, "report"))
+  out_dir = epath.Path(out_dir or epath.Path(group_dir, "report"))
   tables.write_tables(group_dir, out_dir)
   plots.write_plots(group_dir, out_dir, layers=layers)
   print(f"Tables and figures in {out_dir}", flush=True)

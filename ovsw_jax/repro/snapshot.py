@@ -10,11 +10,12 @@ They are saved once, after training, to `weights.npz` in the workdir.
 
 from __future__ import annotations
 
+import io
 import json
-import pathlib
 
 import ml_collections
 import numpy as np
+from etils import epath
 
 from ovsw_jax import bitpack, checkpointing, metrics, train
 from ovsw_jax.optim import binary_weight_mask
@@ -34,10 +35,10 @@ def _initial_and_final(config: ml_collections.ConfigDict, workdir: str):
   return initial, final
 
 
-def export_weights(config: ml_collections.ConfigDict, workdir) -> pathlib.Path:
+def export_weights(config: ml_collections.ConfigDict, workdir) -> epath.Path:
   """Writes `weights.npz`: per binary layer `init/<layer>`, `final/<layer>`
   (latent weights, float32) and `never_flipped/<layer>` (bool), and `step`."""
-  workdir = pathlib.Path(workdir)
+  workdir = epath.Path(workdir)
   initial, final = _initial_and_final(config, str(workdir))
   mask = binary_weight_mask(initial.params)
   arrays = {"step": np.asarray(int(final.step))}
@@ -49,13 +50,15 @@ def export_weights(config: ml_collections.ConfigDict, workdir) -> pathlib.Path:
     arrays[f"final/{name}"] = np.asarray(w1, np.float32)
     arrays[f"never_flipped/{name}"] = ~np.asarray(bitpack.unpack_bits(ever, w0.shape))
   path = workdir / WEIGHTS_FILE
-  np.savez_compressed(path, **arrays)
+  buf = io.BytesIO()  # through epath: the workdir may be on an object store
+  np.savez_compressed(buf, **arrays)
+  path.write_bytes(buf.getvalue())
   return path
 
 
 def load_config(workdir) -> ml_collections.ConfigDict | None:
   """The config the trainer recorded in `workdir` (`workdir.CONFIG_FILE`), or None."""
-  path = pathlib.Path(workdir, CONFIG_FILE)
+  path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     return None
   return ml_collections.ConfigDict(json.loads(path.read_text()))
@@ -67,14 +70,14 @@ def load_weights(workdir) -> dict[str, dict[str, np.ndarray]] | None:
   If the file is missing but the workdir has its `config.json` and a
   checkpoint, the snapshot is made first.
   """
-  path = pathlib.Path(workdir, WEIGHTS_FILE)
+  path = epath.Path(workdir) / WEIGHTS_FILE
   if not path.exists():
     config = load_config(workdir)
-    if config is None or not pathlib.Path(workdir, "checkpoints").exists():
+    if config is None or not (epath.Path(workdir) / "checkpoints").exists():
       return None
     export_weights(config, workdir)
   out: dict[str, dict[str, np.ndarray]] = {}
-  with np.load(path) as data:
+  with np.load(io.BytesIO(path.read_bytes())) as data:
     for key in data.files:
       if "/" in key:
         kind, layer = key.split("/", 1)

@@ -27,9 +27,9 @@ not with full-length runs.
 from __future__ import annotations
 
 import math
-import pathlib
 from typing import Sequence
 
+from etils import epath
 from absl import app, flags, logging
 import numpy as np
 
@@ -54,7 +54,7 @@ def strength_axes(deltas: Sequence[float], gammas: Sequence[float]) -> list[grid
 def run_sweep(workdir, *, deltas: Sequence[float] = DELTAS, gammas: Sequence[float] = GAMMAS,
               epochs: float | None = 40, seeds: Sequence[int] = (0,), group: str = "sweep",
               dataset: str = "digits", overrides: dict | None = None,
-              report: bool = True) -> pathlib.Path:
+              report: bool = True) -> epath.Path:
   """Trains every (delta, gamma, seed) in turn; returns the sweep's directory."""
   base = dict(overrides or {})
   if epochs:
@@ -131,7 +131,7 @@ def markdown(rows: list[dict]) -> str:
   return "\n".join(parts)
 
 
-def plot_heatmap(rows: list[dict], path) -> pathlib.Path:
+def plot_heatmap(rows: list[dict], path) -> epath.Path:
   """Heat maps over (delta, gamma): silent ratio, final test accuracy and peak
   per-epoch flip ratio."""
   # pylint: disable=g-import-not-at-top
@@ -158,14 +158,14 @@ def plot_heatmap(rows: list[dict], path) -> pathlib.Path:
           ax.text(j, i, f"{100 * grid[i, j]:.1f}", ha="center", va="center", fontsize=8,
                   color="white" if grid[i, j] < middle else "black")
   fig.tight_layout()
-  fig.savefig(path, dpi=plots.DPI)
+  path = plots.save_figure(fig, path)
   plt.close(fig)
-  return pathlib.Path(path)
+  return epath.Path(path)
 
 
-def write_report(sweep_dir, out_dir) -> list[pathlib.Path]:
+def write_report(sweep_dir, out_dir) -> list[epath.Path]:
   """`sweep.csv`, `sweep.md` and `sweep_heatmap.png` of the sweep in `sweep_dir`."""
-  out_dir = pathlib.Path(out_dir)
+  out_dir = epath.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   rows = collect(sweep_dir)
   if not rows:
@@ -176,7 +176,7 @@ def write_report(sweep_dir, out_dir) -> list[pathlib.Path]:
   return [out_dir / "sweep.csv", out_dir / "sweep.md", out_dir / "sweep_heatmap.png"]
 
 
-def report_grid(group_dir, out_dir) -> list[pathlib.Path]:
+def report_grid(group_dir, out_dir) -> list[epath.Path]:
   """Every report of a grid: its table and figure, per-point curves, and the
   delta x gamma heat map when those are its axes."""
   keys, _ = grid.collect(group_dir)
@@ -193,7 +193,7 @@ def main(argv):
   f = flags.FLAGS
   if not f["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  group_dir = pathlib.Path(f.workdir, f.group)
+  group_dir = epath.Path(f.workdir, f.group)
   if not f.report_only:
     if f.grid:
       axes = [grid.parse_axis(spec) for spec in f.grid]

@@ -21,11 +21,12 @@ Std is the sample standard deviation over seeds (NaN with one seed).
 from __future__ import annotations
 
 import csv
+import io
 import math
-import pathlib
 import re
 from typing import Sequence
 
+from etils import epath
 from absl import app, flags
 import numpy as np
 
@@ -120,11 +121,12 @@ def write_csv(path, rows: list[dict]) -> None:
   columns = []
   for row in rows:
     columns += [k for k in row if k not in columns]
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=columns, restval="")
-    writer.writeheader()
-    for row in rows:
-      writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+  f = io.StringIO(newline="")
+  writer = csv.DictWriter(f, fieldnames=columns, restval="")
+  writer.writeheader()
+  for row in rows:
+    writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+  epath.Path(path).write_text(f.getvalue())  # the folder may be on an object store
 
 
 def pct(mean: float, std: float = math.nan, digits: int = 2) -> str:
@@ -175,10 +177,10 @@ def prefix_of(group: str) -> str:
 
 
 def write_tables(workdir, out_dir, groups: Sequence[str] | None = None
-                 ) -> list[pathlib.Path]:
+                 ) -> list[epath.Path]:
   """Writes the tables of every group under `workdir` (or of those matching
   `groups`, shell patterns) into `out_dir`; returns the files."""
-  out_dir = pathlib.Path(out_dir)
+  out_dir = epath.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   written = []
   runs = events.find_runs(workdir)
@@ -203,7 +205,7 @@ def write_tables(workdir, out_dir, groups: Sequence[str] | None = None
 
 def main(argv):
   del argv
-  out = flags.FLAGS.out or str(pathlib.Path(flags.FLAGS.workdir, "report"))
+  out = flags.FLAGS.out or str(epath.Path(flags.FLAGS.workdir, "report"))
   for path in write_tables(flags.FLAGS.workdir, out, flags.FLAGS.groups):
     print(path)
 
