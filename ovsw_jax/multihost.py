@@ -20,9 +20,9 @@ This module holds what the trainer needs for that and nothing else:
   decisions every process must take alike (which checkpoint to restore).
 
 Joining: a process that never joins, or a duplicate `--process_id=0`, must
-not leave the others waiting without a word. Process 0 first checks that no
-other process already serves the coordinator port (a second process 0 then
-stops at once with an error naming the id). The coordination service waits
+not leave the others waiting without a word. Process 0 first claims the
+coordinator port (`claim_port`: a second process 0 then stops at once with an
+error naming the id). The coordination service waits
 `join_timeout_s` for every process to register and then names the missing
 ones in its error; that error ends the process from C++, so `initialize`
 reports its phase to the supervising parent (`supervisor.report`), which
@@ -96,20 +96,27 @@ def _port_of(address: str) -> tuple[str, int]:
   return host.strip("[]"), int(port)
 
 
-def check_port_free(bind_address: str, *, process_id: int, num_processes: int) -> None:
-  """Raises ValueError when something already listens on the coordinator's port.
+_claimed: list[socket.socket] = []  # held for the life of process 0 (see `claim_port`)
+
+
+def claim_port(bind_address: str, *, process_id: int, num_processes: int) -> None:
+  """Raises ValueError when another process already serves the coordinator's port.
 
   What it catches: a second process given `--process_id=0` (the first one
   already serves the run there), or another program on that port. gRPC binds
   with SO_REUSEPORT, so without this check a second service would start on the
-  same port and both processes would wait for peers that never come.
+  same port and both processes would wait for peers that never come. A probe
+  without SO_REUSEPORT fails on any socket bound there; then a socket bound
+  with SO_REUSEPORT (never listening, so it takes no connections) holds the
+  port until jax's service listens beside it, so two processes 0 started at
+  the same moment cannot both pass.
   """
   host, port = _port_of(bind_address)
   family = socket.AF_INET6 if ":" in host else socket.AF_INET
-  with socket.socket(family, socket.SOCK_STREAM) as s:
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed run's TIME_WAIT is fine
+  with socket.socket(family, socket.SOCK_STREAM) as probe:
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed run's TIME_WAIT is fine
     try:
-      s.bind((host, port))
+      probe.bind((host, port))
     except OSError as e:
       if e.errno != errno.EADDRINUSE:
         return  # cannot tell (say, no IPv6 here): jax reports what it finds
@@ -120,6 +127,14 @@ def check_port_free(bind_address: str, *, process_id: int, num_processes: int) -
           f"in [0, {num_processes}), and process {process_id} serves the coordinator. "
           "Otherwise another program holds the port: choose another --coordinator_address "
           "port for every process.") from None
+  holder = socket.socket(family, socket.SOCK_STREAM)
+  try:
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind((host, port))
+  except (OSError, AttributeError):  # no SO_REUSEPORT here, or a corner case: probe only
+    holder.close()
+    return
+  _claimed.append(holder)
 
 
 @contextlib.contextmanager
@@ -171,20 +186,20 @@ def initialize(*, coordinator_address: str | None = None, num_processes: int | N
   kwargs: dict[str, Any] = dict(local_device_ids=local_device_ids,
                                 heartbeat_timeout_seconds=int(heartbeat_timeout_s),
                                 initialization_timeout=int(join_timeout_s) + JOIN_MARGIN_S)
+  logging.info("Joining the multi-process run (waiting up to %d s for every process).",
+               join_timeout_s)
   if not missing:
     if num_processes < 1 or not 0 <= process_id < num_processes:
       raise ValueError(f"--process_id={process_id} must be in [0, --num_processes="
                        f"{num_processes}).")
     bind = bind_address_for(coordinator_address)
     if process_id == 0:
-      check_port_free(bind or f"[::]:{_port_of(coordinator_address)[1]}",
-                      process_id=process_id, num_processes=num_processes)
+      claim_port(bind or f"[::]:{_port_of(coordinator_address)[1]}",
+                 process_id=process_id, num_processes=num_processes)
     kwargs.update(coordinator_address=coordinator_address, num_processes=num_processes,
                   process_id=process_id, coordinator_bind_address=bind)
   supervisor.report(phase="joining", process_id=process_id, num_processes=num_processes,
                     coordinator=coordinator_address, join_timeout_s=int(join_timeout_s))
-  logging.info("Joining the multi-process run (waiting up to %d s for every process).",
-               join_timeout_s)
   with _service_register_timeout(join_timeout_s):
     jax.distributed.initialize(**kwargs)
   supervisor.report(phase="joined", process_id=jax.process_index(),

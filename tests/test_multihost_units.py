@@ -113,13 +113,27 @@ def test_the_message_names_every_differing_process_up_to_a_few():
 # --- Joining: a missing or duplicate process is named --------------------------
 
 def test_a_busy_coordinator_port_names_the_duplicate_process_id():
-  with socket.socket() as busy:
-    busy.bind(("127.0.0.1", 0))
-    busy.listen()
-    port = busy.getsockname()[1]
+  port = free_port()
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(multihost, "_claimed", [])
+    multihost.claim_port(f"127.0.0.1:{port}", process_id=0, num_processes=2)  # the first
+    # A second process 0 on the same port, before or after jax's service listens there.
     with pytest.raises(ValueError, match=r"--process_id=0: port \d+ .* already in use"):
-      multihost.check_port_free(f"127.0.0.1:{port}", process_id=0, num_processes=2)
-  multihost.check_port_free(f"127.0.0.1:{port}", process_id=0, num_processes=2)  # free again
+      multihost.claim_port(f"127.0.0.1:{port}", process_id=0, num_processes=2)
+    (holder,) = multihost._claimed
+    with socket.socket() as service:  # what gRPC does: SO_REUSEPORT, listening
+      service.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+      service.bind(("127.0.0.1", port))
+      service.listen()
+      holder.close()
+      with pytest.raises(ValueError, match="already in use"):
+        multihost.claim_port(f"127.0.0.1:{port}", process_id=0, num_processes=2)
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 def test_the_join_timeout_must_be_positive():
