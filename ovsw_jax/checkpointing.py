@@ -58,6 +58,10 @@ class CheckpointSaveError(OSError):
   """Writing a checkpoint failed (a full disk, a lost mount); the message says what."""
 
 
+class DigestMismatchError(ValueError):
+  """A checkpoint read in full whose content is not what was saved: damage, not a glitch."""
+
+
 def is_complete(step_dir: epath.Path) -> bool:
   """True for a committed orbax checkpoint folder (its metadata and its item's)."""
   return ((step_dir / "_CHECKPOINT_METADATA").exists()
@@ -197,14 +201,14 @@ def _check_structure(manager: ocp.CheckpointManager, step: int, target: Any) -> 
 def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> Any:
   """Restores checkpoint `step` into the structure of `target` (numpy leaves).
 
-  Raises ValueError if the restored content does not match the digest saved
-  with it (a corrupted file that still parses).
+  Raises `DigestMismatchError` (a ValueError) if the restored content does not
+  match the digest saved with it (a corrupted file that still parses).
   """
   abstract = multihost.abstract_global(target)
   state = multihost.to_local(manager.restore(step, args=ocp.args.StandardRestore(abstract)))
   expected = (manager.metadata(step).custom_metadata or {}).get(DIGEST_KEY)
   if expected is not None and state_digest(state) != expected:
-    raise ValueError(f"checkpoint {step}'s content does not match its SHA-256 digest")
+    raise DigestMismatchError(f"checkpoint {step}'s content does not match its SHA-256 digest")
   return state
 
 
@@ -236,7 +240,7 @@ def _move_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
 
 
 READ_ATTEMPTS = 3
-RETRY_BACKOFF_S = 1.0  # doubled after each failed attempt
+RETRY_BACKOFF_S = 0.5  # doubled after each failed attempt
 _OK, _DAMAGED, _MISMATCH = "ok", "damaged", "mismatch"
 
 
@@ -245,7 +249,9 @@ def read_with_retries(read: Callable[[int], Any], step: int, *, attempts: int = 
                       sleep: Callable[[float], None] = time.sleep) -> tuple[Any, str | None]:
   """`(state, None)`, or `(None, first line of the last error)` after `attempts` failed reads.
 
-  `CheckpointMismatchError` is not a read failure: it is raised at once.
+  `CheckpointMismatchError` is not a read failure: it is raised at once. A
+  digest mismatch (the whole checkpoint was read, and it is not what was
+  saved) is not retried.
   """
   error = None
   for attempt in range(attempts):
@@ -255,6 +261,8 @@ def read_with_retries(read: Callable[[int], Any], step: int, *, attempts: int = 
       raise
     except Exception as e:  # pylint: disable=broad-except
       error = _first_line(e)
+      if isinstance(e, DigestMismatchError):
+        break
       if attempt + 1 < attempts:
         delay = backoff_s * 2 ** attempt
         logging.warning("Reading the checkpoint at step %d failed (%s); retrying in %.1f s "

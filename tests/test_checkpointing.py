@@ -101,10 +101,21 @@ def test_a_transient_read_error_is_retried_before_a_checkpoint_is_damaged():
   read = flaky({8: 2})
   state, error = checkpointing.read_with_retries(read, 8, attempts=3, sleep=slept.append)
   assert state == (8, "state") and error is None
-  assert read.calls == [8, 8, 8] and slept == [1.0, 2.0]  # short, growing backoff
+  assert read.calls == [8, 8, 8] and slept == [0.5, 1.0]  # short, growing backoff
 
   state, error = checkpointing.read_with_retries(flaky({8: 3}), 8, attempts=3, sleep=no_sleep)
   assert state is None and "OSError: injected read error at step 8" in error
+
+  calls = []
+
+  def wrong_content(step):
+    calls.append(step)
+    raise checkpointing.DigestMismatchError(f"checkpoint {step}'s content does not match")
+  slept.clear()
+  state, error = checkpointing.read_with_retries(wrong_content, 8, sleep=slept.append)
+  assert state is None and "does not match" in error
+  assert calls == [8] and slept == []  # read in full and wrong: not read again
+
 
 
 def test_all_processes_restore_the_same_step():
