@@ -272,7 +272,9 @@ def read_with_retries(read: Callable[[int], Any], step: int, *, attempts: int = 
 
 
 def choose_step(steps: Sequence[int], read: Callable[[int], Any],
-                exchange: Callable[[int, str], list[str]], **retry) -> tuple[Any, list[int]]:
+                exchange: Callable[[int, str], list[str]],
+                give_up: Callable[[int], None] | None = None,
+                **retry) -> tuple[Any, list[int]]:
   """One restore decision for every process: `(state or None, damaged steps)`.
 
   `steps` (the same on every process) are tried newest first. Each process
@@ -280,7 +282,8 @@ def choose_step(steps: Sequence[int], read: Callable[[int], Any],
   every process's status: the step is restored only if every process read
   it; otherwise every process falls back to the next older one together. A
   step of another state structure on any process raises
-  `CheckpointMismatchError` everywhere.
+  `CheckpointMismatchError` everywhere. `give_up(step)` runs on a process
+  that could not read `step`, before the exchange.
   """
   damaged = []
   for step in sorted(steps, reverse=True):
@@ -289,6 +292,8 @@ def choose_step(steps: Sequence[int], read: Callable[[int], Any],
       state, error = read_with_retries(read, step, **retry)
     except CheckpointMismatchError as e:
       state, error, mismatch = None, str(e), e
+    if error is not None and mismatch is None and give_up is not None:
+      give_up(step)
     status = (json.dumps([_MISMATCH, error]) if mismatch is not None
               else json.dumps([_OK, None]) if error is None else json.dumps([_DAMAGED, error]))
     statuses = [json.loads(s) for s in exchange(step, status)]
@@ -305,6 +310,22 @@ def choose_step(steps: Sequence[int], read: Callable[[int], Any],
                     "falls back to an older one.", step, where)
     damaged.append(step)
   return None, damaged
+
+
+def _meet_restore_barrier(manager: ocp.CheckpointManager) -> None:
+  """Reaches the barrier that ends orbax's restore, for a process whose reads all failed.
+
+  The processes that read the step wait there for every process (300 s);
+  without this one they would wait it out and fail too. The barrier's name
+  is orbax's (`Checkpointer:restore` after the checkpointer's key prefix).
+  """
+  prefix = getattr(getattr(manager, "_checkpointer", None), "_barrier_sync_key_prefix", None)
+  try:
+    ocp.multihost.sync_global_processes(
+        ocp.multihost.unique_barrier_key("Checkpointer:restore", prefix=prefix))
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("Could not meet the other processes at orbax's restore barrier (%s).",
+                    _first_line(e))
 
 
 def _exchange_status(step: int, status: str) -> list[str]:
@@ -324,12 +345,24 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any) -> Any | None:
   steps = json.loads(multihost.from_process_0("restore/steps",
                                               json.dumps(sorted(manager.all_steps()))))
 
+  missed_barrier = {}
+
   def read(step):
     _check_structure(manager, step, target)
-    return restore(manager, step, target)
+    try:
+      return restore(manager, step, target)
+    except Exception as e:
+      # Failures other than these come before the barrier that ends orbax's restore.
+      missed_barrier[step] = not (isinstance(e, DigestMismatchError)
+                                  or "Barrier timed out" in str(e))
+      raise
+
+  def give_up(step):
+    if jax.process_count() > 1 and missed_barrier.get(step):
+      _meet_restore_barrier(manager)
   damaged = []
   try:
-    state, damaged = choose_step(steps, read, _exchange_status)
+    state, damaged = choose_step(steps, read, _exchange_status, give_up)
     return state
   finally:
     _move_aside(manager, damaged)

@@ -71,7 +71,7 @@ def flaky(fail_times, value="state"):
   return read
 
 
-def run_processes(reads, steps):
+def run_processes(reads, steps, gave_up=None):
   """`choose_step` on one thread per fake process, exchanging statuses as processes do."""
   n = len(reads)
   barrier, posted = threading.Barrier(n, timeout=30), {}
@@ -85,7 +85,9 @@ def run_processes(reads, steps):
       barrier.wait()
       return statuses
     try:
-      results[pid] = checkpointing.choose_step(steps, reads[pid], exchange, sleep=no_sleep)
+      give_up = None if gave_up is None else (lambda step: gave_up.append((pid, step)))
+      results[pid] = checkpointing.choose_step(steps, reads[pid], exchange, give_up,
+                                               sleep=no_sleep)
     except Exception as e:  # pylint: disable=broad-except
       errors[pid] = e
   threads = [threading.Thread(target=process, args=(pid,)) for pid in range(n)]
@@ -126,9 +128,11 @@ def test_all_processes_restore_the_same_step():
 
   # Process 1 cannot read step 8 at all: both fall back to step 1, and both
   # report step 8 as damaged (process 0 then moves it aside, once).
-  (a, b), errors = run_processes([flaky({}), flaky({8: 99})], [1, 8])
+  gave_up = []
+  (a, b), errors = run_processes([flaky({}), flaky({8: 99})], [1, 8], gave_up)
   assert errors == [None, None]
   assert a == b == ((1, "state"), [8])
+  assert gave_up == [(1, 8)]  # only the process that could not read step 8 gave it up
 
   # Nothing readable anywhere: both start afresh.
   (a, b), _ = run_processes([flaky({1: 99}), flaky({8: 99})], [1, 8])
