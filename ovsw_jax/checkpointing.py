@@ -15,10 +15,16 @@ What can go wrong in a checkpoint folder, and what happens:
 * A foreign entry (an empty `99/`, a step folder whose item was removed, a
   user's file): only complete checkpoints count as steps (`_CompleteSteps`);
   the rest is left alone and named once in the log.
-* A damaged checkpoint (unreadable, or its content no longer matching the
-  SHA-256 digest of the state recorded at save time): moved aside to
-  `<step>.damaged` (named in the log), and the one before it is restored; the
-  run then saves that step again.
+* A read that fails (a transient NFS/GCS error, an OOM): retried a few times
+  with a short backoff before the checkpoint is called damaged.
+* A damaged checkpoint (unreadable after the retries, or its content no
+  longer matching the SHA-256 digest of the state recorded at save time):
+  moved aside to `<step>.damaged` (named in the log), and the one before it
+  is restored; the run then saves that step again.
+* In a multi-process run the processes take one decision (`choose_step`):
+  they try process 0's list of steps, newest first, exchange whether each
+  read the step, and restore the newest one every process read; only a step
+  some process could not read is moved aside (once, by process 0).
 * A checkpoint of another model or optimizer (its arrays' shapes differ from
   the target's): `CheckpointMismatchError`, never a silent restart.
 """
@@ -26,9 +32,11 @@ What can go wrong in a checkpoint folder, and what happens:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
-from typing import Any, Iterator
+import time
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -50,6 +58,10 @@ class CheckpointMismatchError(RuntimeError):
 
 class CheckpointSaveError(OSError):
   """Writing a checkpoint failed (a full disk, a lost mount); the message says what."""
+
+
+class DigestMismatchError(ValueError):
+  """A checkpoint read in full whose content is not what was saved: damage, not a glitch."""
 
 
 def is_complete(step_dir: epath.Path) -> bool:
@@ -209,14 +221,14 @@ def _check_structure(manager: ocp.CheckpointManager, step: int, target: Any) -> 
 def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> Any:
   """Restores checkpoint `step` into the structure of `target` (numpy leaves).
 
-  Raises ValueError if the restored content does not match the digest saved
-  with it (a corrupted file that still parses).
+  Raises `DigestMismatchError` (a ValueError) if the restored content does not
+  match the digest saved with it (a corrupted file that still parses).
   """
   abstract = multihost.abstract_global(target)
   state = multihost.to_local(manager.restore(step, args=ocp.args.StandardRestore(abstract)))
   expected = (manager.metadata(step).custom_metadata or {}).get(DIGEST_KEY)
   if expected is not None and state_digest(state) != expected:
-    raise ValueError(f"checkpoint {step}'s content does not match its SHA-256 digest")
+    raise DigestMismatchError(f"checkpoint {step}'s content does not match its SHA-256 digest")
   return state
 
 
@@ -226,10 +238,15 @@ def _first_line(error: Exception, limit: int = 300) -> str:
 
 
 def _move_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
-  """Process 0 renames damaged step folders to `<step>.damaged[.N]`; all then reload."""
+  """Process 0 renames damaged step folders to `<step>.damaged[.N]`; all then reload.
+
+  Every process calls it with the same `steps` (the decision of `choose_step`).
+  """
   if steps and jax.process_index() == 0:
     for step in steps:
       source = epath.Path(manager.directory) / str(step)
+      if not source.exists():  # process 0 read it, but another process could not see it
+        continue
       target, n = source.parent / f"{step}.damaged", 1
       while target.exists():
         target, n = source.parent / f"{step}.damaged.{n}", n + 1
@@ -242,25 +259,130 @@ def _move_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
     manager.reload()
 
 
+READ_ATTEMPTS = 3
+RETRY_BACKOFF_S = 0.5  # doubled after each failed attempt
+_OK, _DAMAGED, _MISMATCH = "ok", "damaged", "mismatch"
+
+
+def read_with_retries(read: Callable[[int], Any], step: int, *, attempts: int = READ_ATTEMPTS,
+                      backoff_s: float = RETRY_BACKOFF_S,
+                      sleep: Callable[[float], None] = time.sleep) -> tuple[Any, str | None]:
+  """`(state, None)`, or `(None, first line of the last error)` after `attempts` failed reads.
+
+  `CheckpointMismatchError` is not a read failure: it is raised at once. A
+  digest mismatch (the whole checkpoint was read, and it is not what was
+  saved) is not retried.
+  """
+  error = None
+  for attempt in range(attempts):
+    try:
+      return read(step), None
+    except CheckpointMismatchError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      error = _first_line(e)
+      if isinstance(e, DigestMismatchError):
+        break
+      if attempt + 1 < attempts:
+        delay = backoff_s * 2 ** attempt
+        logging.warning("Reading the checkpoint at step %d failed (%s); retrying in %.1f s "
+                        "(attempt %d of %d).", step, error, delay, attempt + 2, attempts)
+        sleep(delay)
+  return None, error
+
+
+def choose_step(steps: Sequence[int], read: Callable[[int], Any],
+                exchange: Callable[[int, str], list[str]],
+                give_up: Callable[[int], None] | None = None,
+                **retry) -> tuple[Any, list[int]]:
+  """One restore decision for every process: `(state or None, damaged steps)`.
+
+  `steps` (the same on every process) are tried newest first. Each process
+  reads a step (`read_with_retries`), then `exchange(step, status)` gives
+  every process's status: the step is restored only if every process read
+  it; otherwise every process falls back to the next older one together. A
+  step of another state structure on any process raises
+  `CheckpointMismatchError` everywhere. `give_up(step)` runs on a process
+  that could not read `step`, before the exchange.
+  """
+  damaged = []
+  for step in sorted(steps, reverse=True):
+    mismatch = None
+    try:
+      state, error = read_with_retries(read, step, **retry)
+    except CheckpointMismatchError as e:
+      state, error, mismatch = None, str(e), e
+    if error is not None and mismatch is None and give_up is not None:
+      give_up(step)
+    status = (json.dumps([_MISMATCH, error]) if mismatch is not None
+              else json.dumps([_OK, None]) if error is None else json.dumps([_DAMAGED, error]))
+    statuses = [json.loads(s) for s in exchange(step, status)]
+    for pid, (kind, reason) in enumerate(statuses):
+      if kind == _MISMATCH:
+        if mismatch is not None:
+          raise mismatch
+        raise CheckpointMismatchError(f"On process {pid}: {reason}")
+    failed = {pid: reason for pid, (kind, reason) in enumerate(statuses) if kind != _OK}
+    if not failed:
+      return state, damaged
+    where = "; ".join(f"process {pid}: {reason}" for pid, reason in failed.items())
+    logging.warning("The checkpoint at step %d is damaged or unreadable (%s); every process "
+                    "falls back to an older one.", step, where)
+    damaged.append(step)
+  return None, damaged
+
+
+def _meet_restore_barrier(manager: ocp.CheckpointManager) -> None:
+  """Reaches the barrier that ends orbax's restore, for a process whose reads all failed.
+
+  The processes that read the step wait there for every process (300 s);
+  without this one they would wait it out and fail too. The barrier's name
+  is orbax's (`Checkpointer:restore` after the checkpointer's key prefix).
+  """
+  prefix = getattr(getattr(manager, "_checkpointer", None), "_barrier_sync_key_prefix", None)
+  try:
+    ocp.multihost.sync_global_processes(
+        ocp.multihost.unique_barrier_key("Checkpointer:restore", prefix=prefix))
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("Could not meet the other processes at orbax's restore barrier (%s).",
+                    _first_line(e))
+
+
+def _exchange_status(step: int, status: str) -> list[str]:
+  return multihost.share(f"restore/{step}", status)
+
+
 def restore_latest(manager: ocp.CheckpointManager, target: Any) -> Any | None:
   """Restores the newest intact checkpoint into the structure of `target`.
 
   `target` may be a concrete state or its `jax.eval_shape`; the result has
   numpy leaves in `target`'s tree structure. Returns None when the directory
-  holds no checkpoint. A damaged checkpoint is moved aside (one log line) in
-  favour of the one before it; one of another state structure raises
-  `CheckpointMismatchError`.
+  holds no checkpoint. Every process of a run restores the same step
+  (`choose_step`, over process 0's list of steps). A damaged checkpoint is
+  moved aside (one log line) in favour of the one before it; one of another
+  state structure raises `CheckpointMismatchError`.
   """
+  steps = json.loads(multihost.from_process_0("restore/steps",
+                                              json.dumps(sorted(manager.all_steps()))))
+
+  missed_barrier = {}
+
+  def read(step):
+    _check_structure(manager, step, target)
+    try:
+      return restore(manager, step, target)
+    except Exception as e:
+      # Failures other than these come before the barrier that ends orbax's restore.
+      missed_barrier[step] = not (isinstance(e, DigestMismatchError)
+                                  or "Barrier timed out" in str(e))
+      raise
+
+  def give_up(step):
+    if jax.process_count() > 1 and missed_barrier.get(step):
+      _meet_restore_barrier(manager)
   damaged = []
   try:
-    for step in sorted(manager.all_steps(), reverse=True):
-      _check_structure(manager, step, target)
-      try:
-        return restore(manager, step, target)
-      except Exception as e:  # pylint: disable=broad-except
-        logging.warning("Checkpoint at step %d is damaged (%s); trying an older one.",
-                        step, _first_line(e))
-        damaged.append(step)
-    return None
+    state, damaged = choose_step(steps, read, _exchange_status, give_up)
+    return state
   finally:
     _move_aside(manager, damaged)

@@ -81,6 +81,9 @@ flags.DEFINE_string("local_device_ids", None,
 flags.DEFINE_integer("heartbeat_timeout_s", 60,
                      "Seconds without a peer's heartbeat after which the other processes "
                      "stop with an error (a dead host).")
+flags.DEFINE_integer("join_timeout_s", 300,
+                     "Seconds every process waits for all processes of a multi-process run "
+                     "to join; then it stops, naming the processes that did not.")
 flags.DEFINE_bool("allow_config_change", False,
                   "Continue the workdir's run although the config changed in a field that "
                   "alters the run (see ovsw_jax/workdir.py).")
@@ -122,8 +125,14 @@ def _start_processes(config) -> None:
       coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
       process_id=FLAGS.process_id,
       local_device_ids=multihost.parse_device_ids(FLAGS.local_device_ids),
-      heartbeat_timeout_s=FLAGS.heartbeat_timeout_s, auto=bool(config.distributed_init))
+      heartbeat_timeout_s=FLAGS.heartbeat_timeout_s, join_timeout_s=FLAGS.join_timeout_s,
+      auto=bool(config.distributed_init))
   multihost.log_layout()
+  # Before anything is built or written: every process runs process 0's config.
+  import ovsw_jax  # pylint: disable=g-import-not-at-top
+  from ovsw_jax import workdir  # pylint: disable=g-import-not-at-top
+  multihost.check_agreement(workdir.config_record(config), ovsw_jax.__version__,
+                            timeout_s=FLAGS.join_timeout_s)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -16,19 +16,33 @@ was a SIGINT; when the child was ended by a signal, it prints one paragraph
 that names the likely cause and the way back (start every process again: the
 run resumes from its last checkpoint) and exits 1. The parent imports nothing
 heavy: it costs a few MB and no start-up time.
+
+The child tells the parent what it is doing (`report`, a small JSON file
+named in its environment), and the parent passes the child's stderr through,
+keeping its last lines: a child aborted while joining the run (a process
+that never started, a duplicate `--process_id`) then gets a message that
+names the processes that did not join, which jax's coordination service
+printed before it ended the child.
 """
 
 from __future__ import annotations
 
+import collections
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 
 from ovsw_jax import preemption
 
 # Set in the child's environment; a process that sees it trains instead of supervising.
 CHILD_ENV = "OVSW_JAX_SUPERVISED_CHILD"
+# Set in the child's environment: the file `report` writes the child's phase to.
+STATUS_ENV = "OVSW_JAX_CHILD_STATUS"
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -57,6 +71,86 @@ def abnormal_end_message(rc: int, process_id: int | None, workdir: str) -> str:
   return (f"error: {who} of the multi-process run ended abnormally ({_signal_name(rc)}). "
           f"{cause} Nothing is lost: start all processes again with the same command and "
           f"they resume from the last checkpoint in {workdir}.")
+
+
+def report(**status) -> None:
+  """In a supervised child: records what it is doing (`phase` and its details) for the parent.
+
+  A no-op in a process that has no supervising parent.
+  """
+  path = os.environ.get(STATUS_ENV)
+  if not path:
+    return
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(status, f)
+  os.replace(tmp, path)
+
+
+def _read_status(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
+
+
+# The coordination service's error when not every process registered in time
+# lists them after this line, one a line ("2", or "/job:jax_worker/replica:0/task:2").
+_MISSING_HEADER = "Some timed out task names:"
+_TASK = re.compile(r"(?:/job:[^/\s]+/replica:\d+/task:)?(\d+)")
+
+
+def missing_processes(log: str) -> list[int] | None:
+  """The process ids the coordination service named as not joined in `log`, or None."""
+  at = log.rfind(_MISSING_HEADER)
+  if at < 0:
+    return None
+  ids = []
+  for line in log[at + len(_MISSING_HEADER):].splitlines()[1:]:
+    tokens = [t for t in re.split(r"[,\s]+", line) if t]
+    matches = [_TASK.fullmatch(t) for t in tokens]
+    if not tokens or not all(matches):
+      break
+    ids.extend(int(m.group(1)) for m in matches)
+  return sorted(set(ids)) or None
+
+
+def join_failure_message(status: dict, missing: list[int] | None) -> str:
+  """The paragraph printed when the child was ended while joining the run."""
+  pid, n = status.get("process_id"), status.get("num_processes")
+  address, timeout_s = status.get("coordinator"), status.get("join_timeout_s")
+  who = f"Process {pid}" if pid is not None else "This process"
+  run = f"the {n}-process run" if n else "the multi-process run"
+  at = f" at {address}" if address else ""
+  ids = f"[0, {n})" if n else "[0, --num_processes)"
+  if missing:
+    plural = "es" if len(missing) > 1 else ""
+    names = ", ".join(str(i) for i in missing)
+    return (f"error: {who} stopped: process{plural} {names} of {run} did not join{at} "
+            f"within {timeout_s} s (--join_timeout_s). Process{plural} {names} was not "
+            f"started, cannot reach {address or 'the coordinator'}, or was given another "
+            f"process's --process_id (each process needs its own id in {ids}). Nothing was "
+            "trained or written. Start the missing processes (or all of them again); raise "
+            "--join_timeout_s if they start slowly.")
+  return (f"error: {who} could not join {run}{at} within {timeout_s} s (--join_timeout_s): "
+          "process 0, which serves that address, was not started in time or cannot be "
+          f"reached from here, or another process already joined with --process_id={pid} "
+          f"(each process needs its own id in {ids}). Nothing was trained or written. Check "
+          "every process's --coordinator_address and --process_id, then start them all again.")
+
+
+def _pass_through(stream, tail: collections.deque) -> None:
+  """Copies the child's stderr to ours, line by line, keeping the last lines in `tail`."""
+  out = getattr(sys.stderr, "buffer", None)
+  for line in iter(stream.readline, b""):
+    if out is not None:
+      out.write(line)
+      out.flush()
+    else:
+      sys.stderr.write(line.decode(errors="replace"))
+      sys.stderr.flush()
+    tail.append(line)
 
 
 def _die_with_parent() -> None:
@@ -110,7 +204,14 @@ class Forwarder:
 def run_child(argv: list[str], *, process_id: int | None, workdir: str,
               stop_signals: tuple[signal.Signals, ...] = preemption.ALWAYS) -> int:
   """Runs `python -m ovsw_jax.main argv...` as a child; returns the exit status to use."""
-  env = dict(os.environ, **{CHILD_ENV: "1"})
+  with tempfile.TemporaryDirectory(prefix="ovsw_jax_") as tmp:
+    return _run_child(argv, process_id=process_id, workdir=workdir,
+                      status_path=os.path.join(tmp, "status.json"), stop_signals=stop_signals)
+
+
+def _run_child(argv: list[str], *, process_id: int | None, workdir: str, status_path: str,
+               stop_signals: tuple[signal.Signals, ...]) -> int:
+  env = dict(os.environ, **{CHILD_ENV: "1", STATUS_ENV: status_path})
   forwarder = Forwarder()
   child = None
 
@@ -121,17 +222,28 @@ def run_child(argv: list[str], *, process_id: int | None, workdir: str,
       child.send_signal(to_send)
   handled = tuple(stop_signals) + (preemption.STACK_DUMP_SIGNAL,)
   previous = {s: signal.signal(s, forward) for s in handled}
+  tail: collections.deque = collections.deque(maxlen=300)
+  copier = None
   try:
     child = subprocess.Popen([sys.executable, "-m", "ovsw_jax.main", *argv], env=env,
-                             preexec_fn=_die_with_parent)
+                             stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+    copier = threading.Thread(target=_pass_through, args=(child.stderr, tail), daemon=True)
+    copier.start()
     if forwarder.first is not None:  # arrived while starting the child
       child.send_signal(signal.SIGTERM)
     rc = child.wait()
   finally:
     for s, handler in previous.items():
       signal.signal(s, handler)
+  copier.join(timeout=10)
   status = forwarder.exit_status(rc)
   if status is None:
-    print(abnormal_end_message(rc, process_id, workdir), file=sys.stderr, flush=True)
+    phase = _read_status(status_path)
+    if phase.get("phase") == "joining":
+      log = b"".join(tail).decode(errors="replace")
+      message = join_failure_message(phase, missing_processes(log))
+    else:
+      message = abnormal_end_message(rc, process_id, workdir)
+    print(message, file=sys.stderr, flush=True)
     return 1
   return status
