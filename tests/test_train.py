@@ -4,13 +4,16 @@ Runs under 4 host CPU devices (tests/conftest.py), so the pmap path splits the
 batch and averages gradients and BatchNorm statistics across devices.
 """
 
+import os
+import signal
+
 import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from helpers import load_config
-from ovsw_jax import checkpointing, input_pipeline, train
+from ovsw_jax import checkpointing, input_pipeline, preemption, train
 
 
 def check_result(result, num_eval):
@@ -71,16 +74,29 @@ def _final_state(config, workdir):
   return checkpointing.restore_latest(manager, target)
 
 
-def test_resume_gives_bitwise_the_same_state(tmp_path):
+def test_resume_gives_bitwise_the_same_state(tmp_path, monkeypatch):
   config = load_config("default", "runlocal")
   config.num_train_steps = 6
   config.checkpoint_every_steps = 100
   train.train_and_evaluate(config, str(tmp_path / "straight"))
 
-  config.num_train_steps = 3  # stop early, as a killed run would ...
-  train.train_and_evaluate(config, str(tmp_path / "resumed"))
-  config.num_train_steps = 6  # ... and start again in the same workdir
-  train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  # Ctrl-C during training (SIGINT, as `main` handles it): saved and stopped ...
+  batches = input_pipeline.train_iterator
+
+  def interrupted(*args, **kwargs):
+    for i, batch in enumerate(batches(*args, **kwargs)):
+      if i == 3:
+        os.kill(os.getpid(), signal.SIGINT)
+      yield batch
+  monkeypatch.setattr(input_pipeline, "train_iterator", interrupted)
+  with preemption.handling(preemption.ALWAYS), pytest.raises(preemption.Preempted) as stop:
+    train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  monkeypatch.undo()
+  assert stop.value.exit_status == preemption.EXIT_INTERRUPTED
+  assert 1 <= stop.value.step < 6
+  manager = checkpointing.create_manager(f"{tmp_path}/resumed/checkpoints")
+  assert manager.latest_step() == stop.value.step  # the stop saved its step
+  train.train_and_evaluate(config, str(tmp_path / "resumed"))  # ... and started again
 
   # Starting a finished run again trains nothing and reports the same result.
   again = train.train_and_evaluate(config, str(tmp_path / "resumed"))
