@@ -34,9 +34,9 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from ovsw_jax import input_pipeline as ip
-from ovsw_jax.data import augment as aug
-from ovsw_jax.data import sources, tf_images
+from ovsw_jax.trainer import input_pipeline as ip
+from ovsw_jax.trainer.data import augment as aug
+from ovsw_jax.trainer.data import sources, tf_images
 
 NUM_IMAGES = 1000
 

@@ -30,7 +30,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import cifar10_resnet20, default  # noqa: E402
-from ovsw_jax import parallel, train  # noqa: E402
+from ovsw_jax.trainer import parallel, train  # noqa: E402
 
 SHAPES = {  # name: (config module, image shape, global batch)
     "digits": (default, (8, 8, 1), 64),

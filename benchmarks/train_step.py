@@ -41,7 +41,8 @@ import numpy as np
 import optax
 
 from configs import common
-from ovsw_jax import layers, models, train
+from ovsw_jax import layers, models
+from ovsw_jax.trainer import train
 
 SHAPES = {"resnet20": dict(size=32, classes=10, batch=128),
           "resnet18": dict(size=224, classes=1000, batch=16)}

@@ -17,7 +17,7 @@ ARMS = ("vanilla", "ags", "sad", "ovsw")
 def base_config() -> ml_collections.ConfigDict:
   """Defaults shared by all settings; each config file overrides what its recipe says."""
   c = ml_collections.ConfigDict()
-  # Data (see ovsw_jax/input_pipeline.py).
+  # Data (see ovsw_jax/trainer/input_pipeline.py).
   c.dataset = "digits"
   c.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir.
   c.tfds_name = ml_collections.config_dict.placeholder(str)  # default: per dataset.
@@ -70,7 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.distributed_init = False   # call jax.distributed.initialize() (multi-host).
-  # How the step runs on every device (ovsw_jax/parallel.py): "pmap", or "jit"
+  # How the step runs on every device (ovsw_jax/trainer/parallel.py): "pmap", or "jit"
   # (jax.jit of shard_map over a mesh of all devices). Same state either way.
   c.parallelism = "pmap"
   return c

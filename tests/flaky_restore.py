@@ -28,8 +28,8 @@ def _patch_restore(checkpointing) -> None:
 if __name__ == "__main__":
   from absl import app
 
-  from ovsw_jax import checkpointing, supervisor
+  from ovsw_jax.trainer import checkpointing, supervisor
   os.environ[supervisor.CHILD_ENV] = "1"  # train here: the patch below lives in this process
-  from ovsw_jax import main  # (defines the flags)
+  from ovsw_jax.trainer import main  # (defines the flags)
   _patch_restore(checkpointing)
   app.run(main.main)

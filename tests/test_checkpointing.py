@@ -8,8 +8,9 @@ import numpy as np
 import optax
 
 from configs import common
-from ovsw_jax import checkpointing, models, train
-from ovsw_jax.train_optimizer import create_optimizer
+from ovsw_jax import models
+from ovsw_jax.trainer import checkpointing, train
+from ovsw_jax.trainer.optimizer import create_optimizer
 
 
 def make_state(seed):

@@ -1,6 +1,6 @@
-"""Config checks (`ovsw_jax.config_checks`): nonsense values and impossible layouts stop the run
-before anything is built, with one message naming the field and the fix; the evaluation batch
-is rounded up to fit the devices and still counts each example once."""
+"""Config checks (`ovsw_jax.trainer.config_checks`): nonsense values and impossible layouts stop
+the run before anything is built, with one message naming the field and the fix; the evaluation
+batch is rounded up to fit the devices and still counts each example once."""
 
 import json
 import math
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from helpers import load_config, module_command
-from ovsw_jax import config_checks, input_pipeline, train
+from ovsw_jax.trainer import config_checks, input_pipeline, train
 
 ConfigError = config_checks.ConfigError
 

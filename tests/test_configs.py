@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import pytest
 
 from helpers import CONFIG_DIR, load_config
-from ovsw_jax import config_checks, models
+from ovsw_jax import models
+from ovsw_jax.trainer import config_checks
 from ovsw_jax.optim import binary_weight_mask
 
 CONFIG_FILES = sorted(p for p in CONFIG_DIR.glob("*.py")

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from ovsw_jax import checkpointing, export, input_pipeline, models, train
+from ovsw_jax import export, models
+from ovsw_jax.trainer import checkpointing, input_pipeline, train
 from ovsw_jax.export import build, format as fmt
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

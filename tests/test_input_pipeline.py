@@ -1,4 +1,4 @@
-"""Tests of `ovsw_jax.input_pipeline`: order, resume, sharding, eval, augmentation.
+"""Tests of `ovsw_jax.trainer.input_pipeline`: order, resume, sharding, eval, augmentation.
 
 CIFAR and ImageNet run on `tfds.testing.mock_data` (its default policy, which
 falls back to `MockPolicy.USE_CODE` when no metadata is in the data_dir). It
@@ -20,11 +20,11 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from ovsw_jax import input_pipeline as ip
-from ovsw_jax.data import augment as aug
-from ovsw_jax.data import device
-from ovsw_jax.data import tf_images
-from ovsw_jax.data import sources
+from ovsw_jax.trainer import input_pipeline as ip
+from ovsw_jax.trainer.data import augment as aug
+from ovsw_jax.trainer.data import device
+from ovsw_jax.trainer.data import tf_images
+from ovsw_jax.trainer.data import sources
 
 MOCK_EXAMPLES = 20  # With global batch 8: 2 steps per epoch, 3 eval batches.
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from ovsw_jax import preemption
+from ovsw_jax.trainer import preemption
 
 from helpers import ROOT, module_command
 

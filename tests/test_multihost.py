@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from helpers import ROOT, load_config
-from ovsw_jax import checkpointing, multihost, preemption, train
+from ovsw_jax.trainer import checkpointing, multihost, preemption, train
 
 pytestmark = pytest.mark.slow
 

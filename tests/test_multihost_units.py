@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from helpers import load_config
-from ovsw_jax import multihost, supervisor, workdir
+from ovsw_jax.trainer import multihost, supervisor, workdir
 
 
 @pytest.mark.parametrize("address,bind", [

@@ -23,7 +23,8 @@ from etils import epath
 
 import fake_object_store
 from helpers import ROOT, load_config
-from ovsw_jax import checkpointing, export, train, workdir
+from ovsw_jax import export
+from ovsw_jax.trainer import checkpointing, train, workdir
 from ovsw_jax.repro import events, plots, snapshot, tables
 
 BUCKET = "gs://bucket"
@@ -152,14 +153,15 @@ def test_export_cli_on_the_object_store(store, bucket):
 # ------------------------------------------------------------- the scan
 
 # The modules that read or write workdir, checkpoint, export and report paths.
-SCANNED = ["ovsw_jax/train.py", "ovsw_jax/workdir.py", "ovsw_jax/run_log.py",
-           "ovsw_jax/checkpointing.py", "ovsw_jax/export/*.py", "ovsw_jax/repro/*.py"]
+SCANNED = ["ovsw_jax/trainer/train.py", "ovsw_jax/trainer/workdir.py",
+           "ovsw_jax/trainer/run_log.py", "ovsw_jax/trainer/checkpointing.py",
+           "ovsw_jax/export/*.py", "ovsw_jax/repro/*.py"]
 # Calls that reach only the local disk: `open`, os.path, os' file functions, shutil, pathlib.
 OS_FILE_CALLS = {"makedirs", "mkdir", "replace", "rename", "remove", "unlink", "walk",
                  "listdir", "scandir", "rmdir", "stat"}
 # (file, call) pairs allowed, each on a path checked to be local first.
 ALLOWED = {
-    ("ovsw_jax/checkpointing.py", "os.path.abspath"),  # orbax wants absolute local paths
+    ("ovsw_jax/trainer/checkpointing.py", "os.path.abspath"),  # orbax wants absolute local paths
 }
 
 

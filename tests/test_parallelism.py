@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from helpers import load_config
-from ovsw_jax import checkpointing, input_pipeline, parallel, train
+from ovsw_jax.trainer import checkpointing, input_pipeline, parallel, train
 
 STEPS = 6
 

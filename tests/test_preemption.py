@@ -15,7 +15,7 @@ import pytest
 from jax.experimental import multihost_utils
 
 from helpers import load_config
-from ovsw_jax import preemption, supervisor, train
+from ovsw_jax.trainer import preemption, supervisor, train
 
 TERM, INT, USR1 = signal.SIGTERM, signal.SIGINT, signal.SIGUSR1
 

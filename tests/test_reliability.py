@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from helpers import ROOT, load_config
-from ovsw_jax import checkpointing, train, workdir
+from ovsw_jax.trainer import checkpointing, train, workdir
 
 
 def runlocal(**fields):

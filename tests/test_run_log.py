@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from helpers import load_config
-from ovsw_jax import run_log, train
+from ovsw_jax.trainer import run_log, train
 from ovsw_jax.repro import events
 
 

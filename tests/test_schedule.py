@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from ovsw_jax.train_optimizer import create_learning_rate_fn
+from ovsw_jax.trainer.optimizer import create_learning_rate_fn
 
 
 def release_lr(e, lr0, epochs, warmup):

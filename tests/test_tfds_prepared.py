@@ -15,8 +15,8 @@ import ml_collections
 import pytest
 import tensorflow_datasets as tfds
 
-from ovsw_jax import input_pipeline as ip
-from ovsw_jax.data import sources
+from ovsw_jax.trainer import input_pipeline as ip
+from ovsw_jax.trainer.data import sources
 
 from helpers import ROOT, module_command
 

@@ -13,7 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from helpers import load_config
-from ovsw_jax import checkpointing, input_pipeline, preemption, train
+from ovsw_jax.trainer import checkpointing, input_pipeline, preemption, train
 
 
 def check_result(result, num_eval):

@@ -1,4 +1,4 @@
-"""The workdir's lock lease and config record (`ovsw_jax.workdir`), as units: no training.
+"""The workdir's lock lease and config record (`ovsw_jax.trainer.workdir`), as units: no training.
 
 The lease runs on an injected clock, so expiry is tested without waiting for it.
 """
@@ -12,7 +12,7 @@ import time
 import pytest
 
 from helpers import load_config
-from ovsw_jax import workdir
+from ovsw_jax.trainer import workdir
 
 
 class Clock:

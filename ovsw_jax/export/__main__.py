@@ -23,7 +23,7 @@ from etils import epath
 import ml_collections
 from ml_collections import config_flags
 
-from ovsw_jax.workdir import CONFIG_FILE  # the run config the trainer records
+from ovsw_jax.trainer.workdir import CONFIG_FILE  # the run config the trainer records
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir to export (its checkpoints/).")
@@ -67,7 +67,7 @@ def _saved_config(workdir: str) -> dict | None:
   ckpt_dir = epath.Path(workdir) / "checkpoints"
   if not ckpt_dir.is_dir():
     return None
-  from ovsw_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from ovsw_jax.trainer import checkpointing  # pylint: disable=g-import-not-at-top
   manager = checkpointing.create_manager(str(ckpt_dir))
   try:
     return checkpointing.saved_config(manager)
@@ -85,7 +85,7 @@ def _check_checkpoints(workdir: str) -> epath.Path:
 
 def _restore(config, ckpt_dir: epath.Path):
   """The run's data info and train state from the newest restorable checkpoint."""
-  from ovsw_jax import checkpointing, train  # pylint: disable=g-import-not-at-top
+  from ovsw_jax.trainer import checkpointing, train  # pylint: disable=g-import-not-at-top
   setup = train.setup(config)
   manager = checkpointing.create_manager(str(ckpt_dir))
   state = checkpointing.restore_latest(manager, setup.initial_state)
@@ -129,7 +129,8 @@ def evaluate_file(path: str) -> None:
     raise UsageError("--evaluate needs --config=FILE[:ARG] for the test split.")
   if not epath.Path(path).is_file():
     raise UsageError(f"{path} does not exist or is not a file; give the path of an export.")
-  from ovsw_jax import export, input_pipeline  # pylint: disable=g-import-not-at-top
+  from ovsw_jax import export  # pylint: disable=g-import-not-at-top
+  from ovsw_jax.trainer import input_pipeline
   from ovsw_jax.export import evaluation  # pylint: disable=g-import-not-at-top
   net = export.load(path)
   info = input_pipeline.get_info(FLAGS.config)
@@ -163,7 +164,7 @@ def main(argv):
   except (UsageError, ExportError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   except Exception as e:  # pylint: disable=broad-except
-    from ovsw_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    from ovsw_jax.trainer import input_pipeline  # pylint: disable=g-import-not-at-top
     if isinstance(e, input_pipeline.DatasetNotPreparedError):
       sys.exit(f"error: {e}")
     raise

@@ -7,8 +7,8 @@ from typing import Callable, Mapping
 import ml_collections
 import numpy as np
 
-from ovsw_jax import input_pipeline
-from ovsw_jax.data import device
+from ovsw_jax.trainer import input_pipeline
+from ovsw_jax.trainer.data import device
 
 Predict = Callable[[np.ndarray], np.ndarray]
 

@@ -1,7 +1,7 @@
 """Reads the scalars a training run logged, and finds the runs under a directory.
 
 `train.train_and_evaluate` appends every scalar it logs, per-layer figures
-included, to `metrics.jsonl` in its workdir (`ovsw_jax.run_log`). A run that
+included, to `metrics.jsonl` in its workdir (`ovsw_jax.trainer.run_log`). A run that
 resumed may have logged a step twice: the value written last for a
 (tag, step) wins, as TensorBoard shows it.
 """
@@ -16,7 +16,7 @@ import re
 import numpy as np
 from etils import epath
 
-from ovsw_jax.workdir import METRICS_FILE
+from ovsw_jax.trainer.workdir import METRICS_FILE
 
 ARMS = ("vanilla", "ags", "sad", "ovsw")
 RUN_INFO = "run.json"   # written by `run.py` next to the metrics file

@@ -75,7 +75,7 @@ def _is_ovsw(state) -> bool:
 def abstract_state(config, info: tuple[int, tuple[int, ...]] | None = None):
   """The `TrainState` of `config`, as shapes and dtypes (nothing allocated)."""
   # pylint: disable=g-import-not-at-top
-  from ovsw_jax import input_pipeline, train
+  from ovsw_jax.trainer import input_pipeline, train
   if info is None:
     data = input_pipeline.get_info(config)
     info = (data.num_classes, data.image_shape)

@@ -99,7 +99,7 @@ def train_one(config: ml_collections.ConfigDict, path, info: dict) -> dict:
   Returns the final metrics. Skips the training if result.json exists.
   """
   # pylint: disable=g-import-not-at-top
-  from ovsw_jax import input_pipeline, train
+  from ovsw_jax.trainer import input_pipeline, train
   from ovsw_jax.repro import snapshot
   path = epath.Path(path)
   result_file = path / "result.json"
@@ -164,7 +164,7 @@ def main(argv):
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
-  from ovsw_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from ovsw_jax.trainer import input_pipeline  # pylint: disable=g-import-not-at-top
   try:
     run_study(FLAGS.workdir, dataset=FLAGS.dataset, arms=FLAGS.arms,
               seeds=range(FLAGS.seeds), group=FLAGS.group,

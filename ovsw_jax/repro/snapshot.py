@@ -17,9 +17,10 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from ovsw_jax import bitpack, checkpointing, metrics, train
+from ovsw_jax import bitpack, metrics
+from ovsw_jax.trainer import checkpointing, train
 from ovsw_jax.optim import binary_weight_mask
-from ovsw_jax.workdir import CONFIG_FILE
+from ovsw_jax.trainer.workdir import CONFIG_FILE
 
 WEIGHTS_FILE = "weights.npz"
 

@@ -41,15 +41,15 @@ EXPONENT = 0.5
 
 def steps_per_epoch(config) -> int:
   """As the trainer counts them: training examples // global batch size."""
-  from ovsw_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from ovsw_jax.trainer import input_pipeline  # pylint: disable=g-import-not-at-top
   return max(input_pipeline.get_info(config).num_train // config.batch_size, 1)
 
 
 def summed_learning_rate(config, steps_per_epoch_: int | None = None) -> float:
   """`sum_t lr_t` over the run's steps, from the trainer's own schedule."""
   # pylint: disable=g-import-not-at-top
-  from ovsw_jax import train
-  from ovsw_jax.train_optimizer import create_learning_rate_fn
+  from ovsw_jax.trainer import train
+  from ovsw_jax.trainer.optimizer import create_learning_rate_fn
   spe = steps_per_epoch(config) if steps_per_epoch_ is None else steps_per_epoch_
   num_steps = train._num_steps(config, spe)  # pylint: disable=protected-access
   schedule = create_learning_rate_fn(config, spe)

@@ -38,7 +38,7 @@ import ml_collections
 from etils import epath
 
 CONFIG_FILE = "config.json"
-# The metrics a run logged, one JSON object a line (written by `ovsw_jax.run_log`).
+# The metrics a run logged, one JSON object a line (written by `ovsw_jax.trainer.run_log`).
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = "run.lock"
 # Seconds a lock stays valid after its last renewal; the owner renews it every
@@ -457,7 +457,7 @@ def lock(workdir: str, *, take: bool = True, lease_s: float = LEASE_S,
   held.acquire()
   if not is_local(workdir):
     logging.info("Holding the workdir lock %s (on an object store: not atomic, see "
-                 "ovsw_jax/workdir.py).", held.path)
+                 "ovsw_jax/trainer/workdir.py).", held.path)
   held.start_renewal()
   try:
     yield held

@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping
 from clu import metric_writers
 from etils import epath
 
-from ovsw_jax.workdir import METRICS_FILE, write_atomically
+from ovsw_jax.trainer.workdir import METRICS_FILE, write_atomically
 
 
 def flatten_hparams(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -37,7 +37,7 @@ import sys
 import tempfile
 import threading
 
-from ovsw_jax import preemption
+from ovsw_jax.trainer import preemption
 
 # Set in the child's environment; a process that sees it trains instead of supervising.
 CHILD_ENV = "OVSW_JAX_SUPERVISED_CHILD"

@@ -85,10 +85,10 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ovsw_jax.data import augment as aug
-from ovsw_jax.data import sources
-from ovsw_jax.data import tf_images
-from ovsw_jax.data.sources import DatasetNotPreparedError
+from ovsw_jax.trainer.data import augment as aug
+from ovsw_jax.trainer.data import sources
+from ovsw_jax.trainer.data import tf_images
+from ovsw_jax.trainer.data.sources import DatasetNotPreparedError
 
 __all__ = [
     'DATASETS', 'DatasetInfo', 'DatasetNotPreparedError', 'epoch_permutation',

@@ -5,7 +5,7 @@ The shape follows flax's `examples/imagenet`: `create_train_state`, a pure
 `axis_name`, `eval_step`, and `train_and_evaluate(config, workdir)`, which
 resumes automatically from the newest checkpoint in `workdir`. The step runs
 on every device under `jax.pmap` or `jax.jit` (`config.parallelism`, see
-`ovsw_jax.parallel`).
+`ovsw_jax.trainer.parallel`).
 """
 
 
@@ -25,13 +25,14 @@ import optax
 from jax.experimental import multihost_utils
 from clu import metrics as clu_metrics, parameter_overview, periodic_actions
 
-from ovsw_jax import checkpointing, input_pipeline, metrics, models, parallel, preemption
-from ovsw_jax import config_checks
-from ovsw_jax import run_log
-from ovsw_jax.data import device
-from ovsw_jax import workdir as workdir_lib
+from ovsw_jax import metrics, models
+from ovsw_jax.trainer import checkpointing, input_pipeline, parallel, preemption
+from ovsw_jax.trainer import config_checks
+from ovsw_jax.trainer import run_log
+from ovsw_jax.trainer.data import device
+from ovsw_jax.trainer import workdir as workdir_lib
 from ovsw_jax.optim import binary_weight_mask
-from ovsw_jax.train_optimizer import create_learning_rate_fn, create_optimizer
+from ovsw_jax.trainer.optimizer import create_learning_rate_fn, create_optimizer
 
 AXIS = "batch"
 

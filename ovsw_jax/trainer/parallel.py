@@ -29,7 +29,7 @@ import numpy as np
 from flax import jax_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ovsw_jax import multihost
+from ovsw_jax.trainer import multihost
 
 CHOICES = ("pmap", "jit")
 

@@ -1,7 +1,7 @@
-"""Internals of `ovsw_jax.input_pipeline`: data sources and image operations.
+"""Internals of `ovsw_jax.trainer.input_pipeline`: data sources and image operations.
 
 The public API (`get_info`, `train_iterator`, `eval_iterator`, `DatasetInfo`,
-`DatasetNotPreparedError`) lives in `ovsw_jax.input_pipeline`; this package holds
+`DatasetNotPreparedError`) lives in `ovsw_jax.trainer.input_pipeline`; this package holds
 the parts that are easier to read and test on their own:
 
 * `augment`: pure NumPy/PIL image operations (pad-and-crop, flip, random

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import ml_collections
 
-from ovsw_jax import parallel, train_optimizer
+from ovsw_jax.trainer import parallel, optimizer
 
 # `config.matmul_precision`: jax's names for the precision of float32 matmuls
 # and convolutions (`jax.default_matmul_precision`). "highest" (= "float32")
@@ -128,7 +128,7 @@ def _problem(name: str, value: Any, must: str, fix: str) -> str:
 def check_values(config: ml_collections.ConfigDict) -> None:
   """Raises `ConfigError` listing every field of `config` out of range (pure, builds nothing).
 
-  The OvSW strengths are checked by `train_optimizer.ovsw_transforms` (only
+  The OvSW strengths are checked by `optimizer.ovsw_transforms` (only
   those of the parts switched on), which builds two small Optax transforms.
   """
   problems = []
@@ -144,7 +144,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     problems.append(str(e))
   if "ovsw" in config:
     try:
-      train_optimizer.ovsw_transforms(config.ovsw)
+      optimizer.ovsw_transforms(config.ovsw)
     except ValueError as e:
       problems.append(str(e))
   if len(problems) == 1:

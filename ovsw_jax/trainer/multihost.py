@@ -45,7 +45,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ovsw_jax import supervisor
+from ovsw_jax.trainer import supervisor
 
 LOOPBACK_HOSTS = ("localhost",)
 # The clients wait this much longer than the service: the service's error,
@@ -271,7 +271,7 @@ def run_record(config_record: dict[str, Any], version: str) -> dict[str, Any]:
 
 def record_changes(reference: dict[str, Any], other: dict[str, Any]) -> dict[str, tuple]:
   """`{field: (process 0's, this process's)}` for every differing field (dotted names)."""
-  from ovsw_jax import workdir  # pylint: disable=g-import-not-at-top
+  from ovsw_jax.trainer import workdir  # pylint: disable=g-import-not-at-top
   changes = workdir.config_changes(reference["config"], other["config"])
   if reference["version"] != other["version"]:
     changes[VERSION_FIELD] = (reference["version"], other["version"])

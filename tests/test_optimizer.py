@@ -9,7 +9,7 @@ import pytest
 from configs import common
 from ovsw_jax import models
 from ovsw_jax.optim import binary_weight_mask
-from ovsw_jax.train_optimizer import create_optimizer
+from ovsw_jax.trainer.optimizer import create_optimizer
 
 from helpers import ROOT, module_command
 

@@ -44,7 +44,7 @@ import orbax.checkpoint as ocp
 from absl import flags
 from etils import epath
 
-from ovsw_jax import multihost
+from ovsw_jax.trainer import multihost
 
 DIGEST_KEY = "ovsw_state_sha256"
 # The run's config, beside the digest in each checkpoint's custom metadata.
