@@ -30,7 +30,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import cifar10_resnet20, default  # noqa: E402
-from ovsw_jax.trainer import parallel, train  # noqa: E402
+from ovsw_jax.trainer import input_pipeline, parallel, train  # noqa: E402
+from ovsw_jax.trainer.tasks import image_classification  # noqa: E402
 
 SHAPES = {  # name: (config module, image shape, global batch)
     "digits": (default, (8, 8, 1), 64),
@@ -43,12 +44,13 @@ def build(shape: str):
   module, image_shape, batch_size = SHAPES[shape]
   config = module.get_config()
   lr = train.create_learning_rate_fn(config, 100)
-  model = train.create_model(config, num_classes=10)
+  task = image_classification.ImageClassification(config, input_pipeline.DatasetInfo(
+      shape, num_classes=10, image_shape=image_shape, num_train=batch_size, num_eval=0))
+  model = task.create_model(train.AXIS)
   tx = train.create_optimizer(config, lr)
   state = jax.device_get(
-      train.create_train_state(jax.random.key(0), model, tx, image_shape))
-  step = functools.partial(train.train_step, model=model, tx=tx, learning_rate_fn=lr,
-                           num_classes=10, label_smoothing=config.label_smoothing,
+      train.create_train_state(jax.random.key(0), model, tx, task.init_inputs()))
+  step = functools.partial(train.train_step, task=task, model=model, tx=tx, learning_rate_fn=lr,
                            axis_name=train.AXIS)
   rng = np.random.default_rng(0)
   batch = {"image": rng.normal(size=(batch_size,) + image_shape).astype(np.float32),

@@ -42,7 +42,8 @@ import optax
 
 from configs import common
 from ovsw_jax import layers, models
-from ovsw_jax.trainer import train
+from ovsw_jax.trainer import input_pipeline, train
+from ovsw_jax.trainer.tasks import image_classification
 
 SHAPES = {"resnet20": dict(size=32, classes=10, batch=128),
           "resnet18": dict(size=224, classes=1000, batch=16)}
@@ -70,6 +71,13 @@ def float_convolutions():
     layers.xnor_conv = original
 
 
+def image_task(num_classes: int, image_shape) -> image_classification.ImageClassification:
+  """The trainer's image task on random batches of `image_shape` (no data set read)."""
+  info = input_pipeline.DatasetInfo("random", num_classes=num_classes,
+                                    image_shape=tuple(image_shape), num_train=0, num_eval=0)
+  return image_classification.ImageClassification(common.base_config(), info)
+
+
 def arm_parts(model_name: str, arm: str, bf16: bool = False):
   """(learning-rate schedule, model, optimizer, image shape) of an arm: the
   OvSW config for `ovsw`, the vanilla one for the others."""
@@ -93,10 +101,10 @@ def build(arm: str, args):
   lr, model, tx, image_shape = arm_parts(args.model, arm, args.bf16 or suffix == "bf16")
   context = float_convolutions() if arm == "float" else contextlib.nullcontext()
   with context:
-    state = train.create_train_state(jax.random.key(0), model, tx, image_shape)
-    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx,
-                                     learning_rate_fn=lr, num_classes=shape["classes"],
-                                     axis_name=None), donate_argnums=(0,))
+    task = image_task(shape["classes"], image_shape)
+    state = train.create_train_state(jax.random.key(0), model, tx, task.init_inputs())
+    step = jax.jit(functools.partial(train.train_step, task=task, model=model, tx=tx,
+                                     learning_rate_fn=lr, axis_name=None), donate_argnums=(0,))
     rng = np.random.default_rng(0)
     batch = {"image": jnp.asarray(rng.normal(size=(args.batch,) + image_shape), jnp.float32),
              "label": jnp.asarray(rng.integers(0, shape["classes"], args.batch), jnp.int32)}
@@ -154,7 +162,8 @@ def optimizer_line(args, step_s: float) -> str:
   fns, states = {}, {}
   for arm in ("vanilla", "ovsw"):
     _, model, tx, image_shape = arm_parts(args.model, arm)
-    state = train.create_train_state(jax.random.key(0), model, tx, image_shape)
+    state = train.create_train_state(jax.random.key(0), model, tx,
+                                     image_task(10, image_shape).init_inputs())
     rng = np.random.default_rng(2)
     grads = jax.tree.map(lambda p: jnp.asarray(1e-3 * rng.normal(size=p.shape), p.dtype),
                          state.params)

@@ -17,6 +17,8 @@ ARMS = ("vanilla", "ags", "sad", "ovsw")
 def base_config() -> ml_collections.ConfigDict:
   """Defaults shared by all settings; each config file overrides what its recipe says."""
   c = ml_collections.ConfigDict()
+  # What is trained (ovsw_jax/trainer/tasks): batches, model outputs, loss and metrics.
+  c.task = "image_classification"
   # Data (see ovsw_jax/trainer/input_pipeline.py).
   c.dataset = "digits"
   c.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir.

@@ -12,6 +12,7 @@ import pytest
 
 from helpers import load_config, module_command
 from ovsw_jax.trainer import config_checks, input_pipeline, train
+from ovsw_jax.trainer.tasks import base, image_classification
 
 ConfigError = config_checks.ConfigError
 
@@ -171,7 +172,7 @@ def test_highest_precision_changes_no_bit_on_cpu():
   """
   config = default_config()
   config.model_kwargs.blocks_per_stage = 1
-  model = train.create_model(config, 10, bn_axis_name=None)
+  model = base.create_model(config, 10, bn_axis_name=None)
   rng = np.random.default_rng(0)
   images = rng.standard_normal((16, 8, 8, 1)).astype(np.float32)
   labels = rng.integers(0, 10, 16).astype(np.int32)
@@ -184,7 +185,7 @@ def test_highest_precision_changes_no_bit_on_cpu():
     def loss(params):
       logits, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
                               images, train=True, mutable=["batch_stats"])
-      return train.cross_entropy(logits, labels, 10).mean()
+      return image_classification.cross_entropy(logits, labels, 10).mean()
     return jax.value_and_grad(loss)(params)
   out = {}
   for precision in (None, "highest"):

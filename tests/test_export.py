@@ -49,7 +49,7 @@ def trained_run(tmp_path_factory):
   manager = checkpointing.create_manager(str(workdir / "checkpoints"))
   state = checkpointing.restore_latest(manager, setup.initial_state)
   manager.close()
-  return config, workdir, setup.info, state
+  return config, workdir, setup.task.info, state
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 from jax.experimental import multihost_utils
 
 from helpers import load_config
-from ovsw_jax.trainer import preemption, supervisor, train
+from ovsw_jax.trainer import preemption, supervisor, tasks, train
 
 TERM, INT, USR1 = signal.SIGTERM, signal.SIGINT, signal.SIGUSR1
 
@@ -128,10 +128,11 @@ def test_evaluate_stops_before_the_next_batch_and_returns_no_partial_figures():
     n = np.sum(batch["mask"]).astype(np.float32)
     return {"loss": n, "accuracy": n, "top5": n, "count": n}
   scheme = types.SimpleNamespace(shard=lambda b: b, unreplicate=lambda t: t)
-  full = train.evaluate(eval_step, "state", config, 120, scheme)
+  task = tasks.create(config)
+  full = train.evaluate(eval_step, "state", task, 120, scheme)
   assert len(calls) == 3 and full["eval_count"] == 360 and full["eval_accuracy"] == 1.0
   calls.clear()
   asked = []
   stop = lambda: asked.append(1) or len(asked) >= 2  # the request comes after one batch
-  assert train.evaluate(eval_step, "state", config, 120, scheme, stop) is None
+  assert train.evaluate(eval_step, "state", task, 120, scheme, stop) is None
   assert len(calls) == 1 and len(asked) == 2

@@ -8,12 +8,14 @@ import os
 import signal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from helpers import load_config
 from ovsw_jax.trainer import checkpointing, input_pipeline, preemption, train
+from ovsw_jax.trainer.tasks import base
 
 
 def check_result(result, num_eval):
@@ -67,9 +69,10 @@ def test_vanilla_arm_bf16_label_smoothing(tmp_path):
 def _final_state(config, workdir):
   info = input_pipeline.get_info(config)
   lr = train.create_learning_rate_fn(config, 10)
-  model = train.create_model(config, info.num_classes)
+  model = base.create_model(config, info.num_classes, train.AXIS)
   tx = train.create_optimizer(config, lr)
-  target = train.create_train_state(jax.random.key(99), model, tx, info.image_shape)
+  inputs = jnp.zeros((1,) + info.image_shape, jnp.float32)
+  target = train.create_train_state(jax.random.key(99), model, tx, inputs)
   manager = checkpointing.create_manager(f"{workdir}/checkpoints")
   return checkpointing.restore_latest(manager, target)
 

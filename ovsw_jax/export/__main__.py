@@ -93,7 +93,7 @@ def _restore(config, ckpt_dir: epath.Path):
   if state is None:
     raise UsageError(f"no checkpoint in {ckpt_dir} could be restored for model "
                      f"{config.model!r}: is --config the run's config?")
-  return setup.info, state
+  return setup.task.info, state
 
 
 def _config_subset(config) -> dict:

@@ -76,14 +76,16 @@ def abstract_state(config, info: tuple[int, tuple[int, ...]] | None = None):
   """The `TrainState` of `config`, as shapes and dtypes (nothing allocated)."""
   # pylint: disable=g-import-not-at-top
   from ovsw_jax.trainer import input_pipeline, train
+  from ovsw_jax.trainer.tasks import base
   if info is None:
     data = input_pipeline.get_info(config)
     info = (data.num_classes, data.image_shape)
   num_classes, image_shape = info
-  model = train.create_model(config, num_classes)
+  model = base.create_model(config, num_classes, train.AXIS)
   tx = train.create_optimizer(config, lambda step: 0.1)
+  inputs = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
   return jax.eval_shape(
-      lambda key: train.create_train_state(key, model, tx, image_shape), jax.random.key(0))
+      lambda key, x: train.create_train_state(key, model, tx, x), jax.random.key(0), inputs)
 
 
 def measure(state) -> dict[str, float]:

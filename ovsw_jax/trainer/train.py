@@ -6,6 +6,11 @@ The shape follows flax's `examples/imagenet`: `create_train_state`, a pure
 resumes automatically from the newest checkpoint in `workdir`. The step runs
 on every device under `jax.pmap` or `jax.jit` (`config.parallelism`, see
 `ovsw_jax.trainer.parallel`).
+
+Nothing here knows the task: batches, model, loss, metrics and the
+evaluation's sums come from `config.task`'s `tasks.Task`; the step, the
+loop, checkpoints, resume, the config record, preemption and logging are the
+same for all tasks.
 """
 
 
@@ -25,11 +30,8 @@ import optax
 from jax.experimental import multihost_utils
 from clu import metrics as clu_metrics, parameter_overview, periodic_actions
 
-from ovsw_jax import metrics, models
-from ovsw_jax.trainer import checkpointing, input_pipeline, parallel, preemption
-from ovsw_jax.trainer import config_checks
-from ovsw_jax.trainer import run_log
-from ovsw_jax.trainer.data import device
+from ovsw_jax import metrics
+from ovsw_jax.trainer import checkpointing, config_checks, parallel, preemption, run_log, tasks
 from ovsw_jax.trainer import workdir as workdir_lib
 from ovsw_jax.optim import binary_weight_mask
 from ovsw_jax.trainer.optimizer import create_learning_rate_fn, create_optimizer
@@ -52,33 +54,29 @@ class TrainState:
   rng: jax.Array
 
 
-@flax.struct.dataclass
-class TrainMetrics(clu_metrics.Collection):
-  loss: clu_metrics.Average.from_output("loss")
-  accuracy: clu_metrics.Average.from_output("accuracy")
-  top5: clu_metrics.Average.from_output("top5")
-  step_flip_ratio: clu_metrics.Average.from_output("step_flip_ratio")
+def train_metric_names(task: tasks.Task) -> tuple[str, ...]:
+  """The per-step metrics averaged between two train-log writes (`train_<name>`)."""
+  return ("loss", *task.metric_names, "step_flip_ratio")
+
+
+def train_metrics_collection(task: tasks.Task) -> type[clu_metrics.Collection]:
+  """A clu `Collection` averaging `train_metric_names(task)` over the steps it is fed."""
+  return clu_metrics.Collection.create(
+      **{name: clu_metrics.Average.from_output(name) for name in train_metric_names(task)})
 
 
 class NonFiniteLossError(FloatingPointError):
   """Raised when the training loss becomes NaN or Inf."""
 
 
-def create_model(config: ml_collections.ConfigDict, num_classes: int,
-                 bn_axis_name: str | None = AXIS) -> nn.Module:
-  """The configured model, computing in bfloat16 when `config.half_precision`."""
-  dtype = jnp.bfloat16 if config.half_precision else jnp.float32
-  kwargs = dict(config.get("model_kwargs", {}) or {})
-  return models.get_model(config.model, num_classes=num_classes, dtype=dtype,
-                          bn_axis_name=bn_axis_name, **kwargs)
-
-
 def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation,
-                       image_shape: tuple[int, ...]) -> TrainState:
-  """Initialises params, batch stats, optimizer and flip history (pure)."""
+                       inputs: jax.Array) -> TrainState:
+  """Initialises params, batch stats, optimizer and flip history (pure).
+
+  `inputs` is one batch as the model takes it (`Task.init_inputs`).
+  """
   init_rng, state_rng = jax.random.split(rng)
-  variables = model.init(init_rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32),
-                         train=False)
+  variables = model.init(init_rng, inputs, train=False)
   params = variables["params"]
   mask = binary_weight_mask(params)
   return TrainState(
@@ -90,45 +88,27 @@ def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTrans
       rng=jax.random.key_data(state_rng))
 
 
-def _classification_metrics(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
-  logits = logits.astype(jnp.float32)
-  k = min(5, logits.shape[-1])
-  topk = jax.lax.top_k(logits, k)[1]
-  return {
-      "accuracy": (topk[:, 0] == labels).astype(jnp.float32),
-      "top5": jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32),
-  }
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
-                  label_smoothing: float = 0.0) -> jax.Array:
-  """Per-example cross entropy with optional label smoothing."""
-  targets = jax.nn.one_hot(labels, num_classes)
-  if label_smoothing:
-    targets = optax.smooth_labels(targets, label_smoothing)
-  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
-
-
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
-               tx: optax.GradientTransformation, learning_rate_fn: optax.Schedule,
-               num_classes: int, label_smoothing: float = 0.0,
-               axis_name: str | None = AXIS, pixel_stats: Any = None
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, task: tasks.Task,
+               model: nn.Module, tx: optax.GradientTransformation,
+               learning_rate_fn: optax.Schedule, axis_name: str | None = AXIS
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimisation step (pure). Gradients and metrics are averaged over `axis_name`.
 
-  BatchNorm statistics are averaged by the model itself (its `bn_axis_name`).
-  uint8 batches are normalised here (`pixel_stats`, see `data.device`).
-  Returns the new state and this step's metrics (means over the global batch),
-  including OvSW's measurements read from the optimizer state.
+  The model is applied to `task.inputs(batch)` and `task.train_loss` is
+  differentiated (`tasks.Task`); BatchNorm statistics are averaged by the
+  model itself (its `bn_axis_name`). Returns the new state and this step's
+  metrics (means over the global batch): the loss, the task's metrics, the
+  fraction of binary weights that flipped, and OvSW's measurements read from
+  the optimizer state.
   """
   def loss_fn(params):
-    logits, new_vars = model.apply(
+    outputs, new_vars = model.apply(
         {"params": params, "batch_stats": state.batch_stats},
-        device.model_images(batch, pixel_stats), train=True, mutable=["batch_stats"])
-    loss = jnp.mean(cross_entropy(logits, batch["label"], num_classes, label_smoothing))
-    return loss, (logits, new_vars.get("batch_stats", {}))
+        task.inputs(batch), train=True, mutable=["batch_stats"])
+    return task.train_loss(outputs, batch), (outputs, new_vars.get("batch_stats", {}))
 
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (outputs, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -136,7 +116,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   mask = binary_weight_mask(params)
   step_metrics = {
       "loss": loss,
-      **{k: jnp.mean(v) for k, v in _classification_metrics(logits, batch["label"]).items()},
+      **task.train_metrics(outputs, batch),
       "step_flip_ratio": metrics.step_flip_fraction(state.params, params, mask),
   }
   if axis_name is not None:
@@ -151,45 +131,37 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   return new_state, step_metrics
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
-              num_classes: int, axis_name: str | None = AXIS,
-              pixel_stats: Any = None) -> dict[str, jax.Array]:
-  """Sums of loss, correct top-1 / top-5 and example count over the real (unmasked) examples."""
-  logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                       device.model_images(batch, pixel_stats), train=False)
-  weight = batch["mask"].astype(jnp.float32)
-  per_example = _classification_metrics(logits, batch["label"])
-  sums = {
-      "loss": jnp.sum(cross_entropy(logits, batch["label"], num_classes) * weight),
-      "accuracy": jnp.sum(per_example["accuracy"] * weight),
-      "top5": jnp.sum(per_example["top5"] * weight),
-      "count": jnp.sum(weight),
-  }
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, task: tasks.Task,
+              model: nn.Module, axis_name: str | None = AXIS) -> dict[str, jax.Array]:
+  """`task.eval_sums` (loss, metrics and count over the real examples), summed over devices."""
+  outputs = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                        task.inputs(batch), train=False)
+  sums = task.eval_sums(outputs, batch)
   return jax.lax.psum(sums, axis_name) if axis_name is not None else sums
 
 
-def evaluate(p_eval_step: Callable, state: TrainState, config: ml_collections.ConfigDict,
+def evaluate(p_eval_step: Callable, state: TrainState, task: tasks.Task,
              global_batch_size: int, scheme: parallel.Pmap | parallel.Jit,
              stop: Callable[[], bool] | None = None) -> dict[str, float] | None:
-  """One exact pass over the evaluation split (no example dropped or counted twice).
+  """One exact pass over the task's evaluation split (no example dropped or counted twice).
 
   `p_eval_step` is `eval_step` compiled by `scheme`, `state` replicated by it.
-  `stop` (`Preemption.should_stop`) is asked before every batch; when it says
-  stop, the pass ends there and None is returned instead of partial figures.
+  Returns `eval_<name>`: each sum over the count, and `eval_count`. `stop`
+  (`Preemption.should_stop`) is asked before every batch; when it says stop,
+  the pass ends there and None is returned instead of partial figures.
   """
   totals = None
-  for batch in input_pipeline.eval_iterator(
-      config, global_batch_size=global_batch_size,
-      process_index=jax.process_index(), process_count=jax.process_count()):
+  for batch in task.eval_batches(global_batch_size=global_batch_size,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count()):
     if stop is not None and stop():
       return None
     sums = scheme.unreplicate(p_eval_step(state, scheme.shard(batch)))
     sums = jax.tree.map(np.asarray, sums)
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
   count = max(float(totals["count"]), 1.0)
-  return {"eval_loss": float(totals["loss"]) / count,
-          "eval_accuracy": float(totals["accuracy"]) / count,
-          "eval_top5": float(totals["top5"]) / count,
+  names = ["loss"] + [k for k in totals if k not in ("loss", "count")]
+  return {**{f"eval_{k}": float(totals[k]) / count for k in names},
           "eval_count": float(totals["count"])}
 
 
@@ -208,6 +180,7 @@ def check_config(config: ml_collections.ConfigDict) -> config_checks.Layout:
 
   Logs, once, the evaluation batch where it was rounded up to fit the devices.
   """
+  tasks.task_class(config.get("task", tasks.DEFAULT))  # a task that exists, before the rest
   layout = config_checks.check(config, jax.device_count(), jax.process_count())
   if layout.eval_rounded:
     logging.info(
@@ -219,7 +192,7 @@ def check_config(config: ml_collections.ConfigDict) -> config_checks.Layout:
 
 class Setup(NamedTuple):
   """What a run of a config is built from, before any checkpoint is read."""
-  info: input_pipeline.DatasetInfo
+  task: tasks.Task
   steps_per_epoch: int
   learning_rate_fn: optax.Schedule
   model: nn.Module
@@ -228,18 +201,18 @@ class Setup(NamedTuple):
 
 
 def setup(config: ml_collections.ConfigDict) -> Setup:
-  """The data info, schedule, model, optimizer and initial state of `config`'s run.
+  """The task, schedule, model, optimizer and initial state of `config`'s run.
 
   Tools that rebuild a run (the reproduction study's weight snapshots) call this
   too, so their initial state is the one training started from.
   """
-  info = input_pipeline.get_info(config)
-  steps_per_epoch = max(info.num_train // config.batch_size, 1)
+  task = tasks.create(config)
+  steps_per_epoch = max(task.num_train // config.batch_size, 1)
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
-  model = create_model(config, info.num_classes)
+  model = task.create_model(AXIS)
   tx = create_optimizer(config, learning_rate_fn)
-  state = create_train_state(jax.random.key(config.seed), model, tx, info.image_shape)
-  return Setup(info, steps_per_epoch, learning_rate_fn, model, tx, state)
+  state = create_train_state(jax.random.key(config.seed), model, tx, task.init_inputs())
+  return Setup(task, steps_per_epoch, learning_rate_fn, model, tx, state)
 
 
 
@@ -287,13 +260,9 @@ def _compile(run: Setup, config: ml_collections.ConfigDict, donate: bool) -> _Lo
   """
   scheme = parallel.create(config.get("parallelism", "pmap"), AXIS)
   mask = binary_weight_mask(run.initial_state.params)
-  step = functools.partial(train_step, model=run.model, tx=run.tx,
-                           learning_rate_fn=run.learning_rate_fn,
-                           num_classes=run.info.num_classes,
-                           label_smoothing=config.label_smoothing, axis_name=AXIS,
-                           pixel_stats=run.info.pixel_stats)
-  evaluate_ = functools.partial(eval_step, model=run.model, num_classes=run.info.num_classes,
-                                axis_name=AXIS, pixel_stats=run.info.pixel_stats)
+  step = functools.partial(train_step, task=run.task, model=run.model, tx=run.tx,
+                           learning_rate_fn=run.learning_rate_fn, axis_name=AXIS)
+  evaluate_ = functools.partial(eval_step, task=run.task, model=run.model, axis_name=AXIS)
 
   def start(state):
     return state.replace(flips=metrics.start_interval(state.flips, state.params, mask))
@@ -404,14 +373,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, donate: bool,
     last_saved = step
 
   def evaluate_now(stop):
-    summary = evaluate(loop.eval, rstate, config, eval_batch_size, scheme, stop)
+    summary = evaluate(loop.eval, rstate, run.task, eval_batch_size, scheme, stop)
     if summary is not None:  # None: stopped on request midway
       summary.update(instruments(host_state()))
     return summary
 
-  train_iter = input_pipeline.train_iterator(
-      config, global_batch_size=config.batch_size, start_step=start_step, seed=config.seed,
+  train_iter = run.task.train_batches(
+      global_batch_size=config.batch_size, start_step=start_step, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
+  train_metrics_type = train_metrics_collection(run.task)
+  metric_names = train_metric_names(run.task)
   hooks = []
   if jax.process_index() == 0:
     hooks.append(periodic_actions.ReportProgress(num_train_steps=num_steps,
@@ -439,8 +410,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, donate: bool,
       elif previous is not None:
         _check_loss(*previous)
       previous = (done, step_metrics)
-      update = TrainMetrics.single_from_model_output(
-          **{k: step_metrics[k] for k in ("loss", "accuracy", "top5", "step_flip_ratio")})
+      update = train_metrics_type.single_from_model_output(
+          **{k: step_metrics[k] for k in metric_names})
       train_metrics = update if train_metrics is None else train_metrics.merge(update)
       for hook in hooks:
         hook(done)
