@@ -22,3 +22,16 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
   os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)  # bytes: enables the file lock
+
+
+# Module fixtures that train a run (or build a wheel) for the tests that read it: every test
+# that uses one is slow, however quick its own body (`-m "not slow"` is the quick loop).
+TRAINING_FIXTURES = {"trained_run", "trained_export", "store", "wheel", "straight", "trained",
+                     "study", "resumed_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+  import pytest  # pylint: disable=g-import-not-at-top
+  for item in items:
+    if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+      item.add_marker(pytest.mark.slow)

@@ -1,6 +1,7 @@
 """Checkpoint round trip of a full train state, fallback from a damaged one, and the restore
 decision every process of a run takes alike."""
 
+import pytest
 import threading
 
 import jax
@@ -27,6 +28,7 @@ def assert_same(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_round_trip_and_fallback(tmp_path):
   first, second = make_state(1), make_state(2)
   second = second.replace(step=second.step + 7)
@@ -49,6 +51,7 @@ def test_round_trip_and_fallback(tmp_path):
   assert_same(checkpointing.restore_latest(manager, target), first)
 
 
+@pytest.mark.slow
 def test_empty_directory_restores_nothing(tmp_path):
   manager = checkpointing.create_manager(str(tmp_path))
   assert checkpointing.restore_latest(manager, make_state(0)) is None

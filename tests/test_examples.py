@@ -36,6 +36,7 @@ def leaf_paths(tree):
   return names
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_example_trains_with_ovsw_on_the_binary_kernels(name):
   _, state, losses = load_example(name).main(steps=60)

@@ -101,6 +101,7 @@ def numpy_conv(x, w, stride, pad):
 # ------------------------------------------------ exact against the simulation
 
 
+@pytest.mark.slow
 def test_trained_export_matches_simulation_on_every_digits_test_image(trained_run, trained_export):
   config, _, _, state = trained_run
   model = trained_export.model()
@@ -117,6 +118,7 @@ def test_trained_export_matches_simulation_on_every_digits_test_image(trained_ru
   assert seen == input_pipeline.get_info(config).num_eval
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,kwargs,shape", [
     ("tiny", {}, (8, 8, 1)),
     ("tiny_imagenet", {}, (32, 32, 3)),
@@ -136,6 +138,7 @@ def test_every_model_family_matches_simulation(name, kwargs, shape):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_zero_latent_weights_get_a_zero_plane_and_stay_exact():
   shape = (8, 8, 1)
   model = models.get_model("tiny", num_classes=10)
@@ -160,6 +163,7 @@ def test_zero_latent_weights_get_a_zero_plane_and_stay_exact():
 # ------------------------------------------------------------- the pieces
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stride,pad", [(1, 1), (2, 1), (2, 0)])
 def test_conv_backends_equal_a_numpy_loop(stride, pad):
   rng = np.random.default_rng(stride * 10 + pad)
@@ -200,6 +204,7 @@ def test_fold_batch_norm_equals_flax_batch_norm():
 # ------------------------------------------------------------ the file
 
 
+@pytest.mark.slow
 def test_save_load_round_trip(trained_run, trained_export, tmp_path):
   path = tmp_path / "net.ovsw"
   size = export.save(trained_export, path)

@@ -20,6 +20,7 @@ def modules_after(code: str) -> set[str]:
   return set(out.stdout.split())
 
 
+@pytest.mark.slow
 def test_import_ovsw_jax_loads_no_trainer_stack():
   loaded = modules_after(
       "import ovsw_jax as ow\now.ovsw, ow.BinaryConv, ow.nnx.BinaryConv, ow.xnor_conv")
@@ -28,6 +29,7 @@ def test_import_ovsw_jax_loads_no_trainer_stack():
   assert not any(m.startswith("ovsw_jax.trainer") for m in loaded), sorted(loaded)
 
 
+@pytest.mark.slow
 def test_optax_transforms_import_without_flax():
   loaded = modules_after("import ovsw_jax.optim\nimport ovsw_jax as ow\now.ovsw, ow.scale_by_ags")
   assert "optax" in loaded

@@ -81,6 +81,7 @@ def run_xnor(x, kernel, strides, padding, training, dy=None, jit=False):
 # The release's vectors.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ORACLE_CASES)
 @pytest.mark.parametrize("jit", [False, True])
 def test_xnor_conv_matches_oracle(name, jit):
@@ -137,6 +138,7 @@ def _random_case(seed, n=2, hw=(7, 6), c_in=3, k=(3, 3), c_out=5):
   return x, w, rs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strides,padding", [
     (1, 1), (2, 1), ((1, 2), 0), (1, ((0, 1), (2, 1))), (2, ((1, 0), (0, 1))), (1, "VALID"),
 ])
@@ -197,6 +199,7 @@ def test_rank_mismatch_raises():
     ow.xnor_conv(jnp.ones((2, 5, 3)), jnp.ones((3, 3, 3, 4)))
 
 
+@pytest.mark.slow
 def test_one_dimensional_and_dense_forms():
   # A kernel of rank 3 (W, I, O) is a 1-D conv over NWC inputs, a kernel of rank 2
   # (I, O) a binary dense layer on (N, C): the same op as the 2-D conv with
@@ -214,6 +217,7 @@ def test_one_dimensional_and_dense_forms():
                              rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bf16_input_gives_bf16_output():
   x, w, rs = _random_case(3)
   y32 = np.asarray(run_xnor(x, w, 1, 1, True))
@@ -234,6 +238,7 @@ def test_bf16_input_gives_bf16_output():
 # The Flax module.
 
 
+@pytest.mark.slow
 def test_binary_conv_params_and_init():
   module = ow.BinaryConv(features=256)
   x = jnp.zeros((1, 5, 5, 64))
@@ -253,6 +258,7 @@ def test_binary_conv_params_and_init():
   assert np.abs(k).max() > 3.5 * std
 
 
+@pytest.mark.slow
 def test_binary_conv_shapes_and_eval_train_agree():
   x = jnp.asarray(np.random.RandomState(0).randn(2, 8, 8, 4).astype(np.float32))
   cases = [(1, 1, (3, 3), (2, 8, 8, 6)), (2, 1, (3, 3), (2, 4, 4, 6)),
@@ -270,6 +276,7 @@ def test_binary_conv_shapes_and_eval_train_agree():
     assert_close(y_eval, y_ref)
 
 
+@pytest.mark.slow
 def test_binary_conv_bf16_compute_dtype():
   x = jnp.asarray(np.random.RandomState(2).randn(2, 6, 6, 3).astype(np.float32))
   module = ow.BinaryConv(features=4, dtype=jnp.bfloat16)
@@ -281,6 +288,7 @@ def test_binary_conv_bf16_compute_dtype():
   np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y32), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.slow
 def test_binary_conv_inside_a_model_trains_latent_kernel():
   class Net(nn.Module):
     @nn.compact

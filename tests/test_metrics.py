@@ -1,5 +1,6 @@
 """Flip and silent-weight metrics against numpy on a small two-layer tree."""
 
+import pytest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,6 +35,7 @@ def test_step_flip_fraction_counts_sign_changes_of_masked_leaves():
   np.testing.assert_allclose(float(got), changed / (90 + 21), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_silent_and_flip_ratios_follow_the_sign_history():
   steps = [tree(s) for s in range(4)]
   flips = metrics.init_flip_state(as_jax(steps[0]), MASK)

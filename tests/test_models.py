@@ -170,6 +170,7 @@ def tiny_case(request):
   return make, model, x, _init(model, x)
 
 
+@pytest.mark.slow
 def test_tiny_train_and_eval(tiny_case):
   _, model, x, variables = tiny_case
   train = _jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
@@ -193,6 +194,7 @@ def test_tiny_train_and_eval(tiny_case):
   assert not np.allclose(train(variables, other)[0][0], logits[0], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_tiny_bfloat16(tiny_case):
   """bfloat16 compute, float32 parameters, float32 logits (documented)."""
   make, _, x, variables = tiny_case
@@ -219,6 +221,7 @@ def test_binary_conv_init_is_kaiming_fan_in():
   assert abs(w.mean()) < 0.05 * w.std()
 
 
+@pytest.mark.slow
 def test_vgg_init():
   # Narrow widths keep it quick; unequal c_in and c_out tell fan-out from fan-in.
   model = VGGSmall(10, widths=(64, 128, 32))
@@ -236,6 +239,7 @@ def test_vgg_init():
   np.testing.assert_array_equal(params["bn3"]["scale"], 1.0)
 
 
+@pytest.mark.slow
 def test_imagenet_batchnorm_scales_start_at_1e8():
   model = get_model("tiny_imagenet", 10)   # the ImageNet ResNet, 1 block a stage
   params = _init(model, jnp.zeros((1, 32, 32, 3)))["params"]
@@ -252,6 +256,7 @@ def test_imagenet_batchnorm_scales_start_at_1e8():
   np.testing.assert_array_equal(flat["bn2/scale"], 1.0)
 
 
+@pytest.mark.slow
 def test_hardtanh_has_torch_gradient():
   x = jnp.array([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0])
   np.testing.assert_array_equal(hardtanh(x), [-1, -1, -0.5, 0, 0.5, 1, 1])
@@ -283,6 +288,7 @@ def test_option_a_shortcut():
   np.testing.assert_array_equal(avgpool_zeropad_shortcut(jnp.asarray(x), 3, 1), x)
 
 
+@pytest.mark.slow
 def test_bn_axis_name_averages_statistics_across_devices():
   """With `bn_axis_name`, a pmapped step sees the statistics of the whole batch."""
   if jax.local_device_count() < 2:

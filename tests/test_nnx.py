@@ -22,6 +22,7 @@ def conv_with_kernel(kernel, **kwargs):
   return conv
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", XNOR_CASES)
 def test_nnx_binary_conv_matches_release(name):
   d = load_oracle(name)
@@ -36,6 +37,7 @@ def test_nnx_binary_conv_matches_release(name):
   assert_close(conv(x, deterministic=False), d["y_train"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strides,padding,kernel_size", [
     (1, 1, (3, 3)), (2, 1, (3, 3)), (2, 0, (1, 1)), (1, "VALID", (3, 3)),
     (1, ((0, 1), (2, 0)), (2, 3))])
@@ -64,6 +66,7 @@ def test_init_is_kaiming_normal_fan_in_under_the_shared_name():
   assert isinstance(conv.latent_kernel, nnx.Param)
 
 
+@pytest.mark.slow
 def test_bad_arguments_give_clear_errors():
   with pytest.raises(TypeError, match="one size per spatial axis"):
     BinaryConv(3, 8, 3, rngs=nnx.Rngs(0))
@@ -92,6 +95,7 @@ def _paths_with_state(tree):
   return {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+@pytest.mark.slow
 def test_nnx_optimizer_trains_and_tracks_exactly_the_binary_kernels():
   model = TinyBinaryCNN(nnx.Rngs(0))
   lr = 0.05
@@ -130,6 +134,7 @@ def test_nnx_optimizer_trains_and_tracks_exactly_the_binary_kernels():
   assert float(jnp.max(tracker["bin1"]["latent_kernel"][...])) > 0  # some weights flipped
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [0, 1])
 def test_nnx_optimizer_reproduces_the_release_step(case):
   # The release's AGS -> SAD -> SGD (weight decay, momentum) on one binary conv,

@@ -76,6 +76,7 @@ def bucket(store):
     yield base / "objects" / "bucket"
 
 
+@pytest.mark.slow
 def test_trainer_writes_and_resumes_its_run_on_the_object_store(store, bucket):
   _, result = store
   assert np.isfinite(result["eval_loss"])
@@ -97,6 +98,7 @@ def test_trainer_writes_and_resumes_its_run_on_the_object_store(store, bucket):
   assert int(state.step) == 4
 
 
+@pytest.mark.slow
 def test_study_readers_and_reports_on_the_object_store(bucket):
   (run,) = events.find_runs(f"{BUCKET}/study")
   assert (run.group, run.arm, run.seed) == ("digits", "ovsw", 0)

@@ -32,6 +32,7 @@ def flat(tree):
   return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("exclude_1d", [False, True])
 def test_weight_decay_and_ovsw_targets(exclude_1d):
   c = common.base_config()
@@ -46,6 +47,7 @@ def test_weight_decay_and_ovsw_targets(exclude_1d):
                                err_msg=key)
 
 
+@pytest.mark.slow
 def test_ovsw_touches_binary_kernels_only():
   c = common.base_config()
   c.momentum, c.weight_decay = 0.0, 0.0

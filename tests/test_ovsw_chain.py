@@ -153,6 +153,7 @@ def test_binary_weight_mask_on_flax_model_params():
   assert sum(1 for _, v in flat if not v) == 6  # conv kernel+bias, bn scale+bias, dense kernel+bias
 
 
+@pytest.mark.slow
 def test_masked_chain_on_frozen_dict_params():
   params = flax.core.freeze(model_like_params())
   grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), params)
@@ -172,6 +173,7 @@ def _grads_like(params, seed=1):
   return jax.tree.map(lambda p: jnp.asarray(rs.randn(*p.shape).astype(np.float32) * 1e-3), params)
 
 
+@pytest.mark.slow
 def test_masked_chain_passes_full_precision_leaves_through():
   params = model_like_params()
   mask = ow.binary_weight_mask(params)
@@ -207,6 +209,7 @@ def _shapes(tree):
   return jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), tree)
 
 
+@pytest.mark.slow
 def test_state_shapes_and_dtypes_stable():
   params = model_like_params()
   for tx in [optax.chain(ow.ovsw(0.04, 9e-4), optax.add_decayed_weights(5e-4),
@@ -224,6 +227,7 @@ def test_state_shapes_and_dtypes_stable():
     assert _shapes(state) == _shapes(state0)
 
 
+@pytest.mark.slow
 def test_masked_chain_under_multisteps():
   params = model_like_params()
   k = 2
@@ -276,6 +280,7 @@ def toy_data(n=64, seed=0):
   return jnp.asarray(x.astype(np.float32)), jnp.asarray(y)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,base", [
     ("sgd", optax.sgd(0.05, momentum=0.9)),
     ("adam", optax.adam(3e-3)),

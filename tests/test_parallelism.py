@@ -64,6 +64,7 @@ def assert_close_states(a, b):
       np.testing.assert_array_equal(y, x, err_msg=key)
 
 
+@pytest.mark.slow
 def test_jit_trains_what_pmap_trains(straight):
   assert jax.device_count() == 4
   (pmap_result, a), (jit_result, b) = straight["pmap"], straight["jit"]
@@ -79,6 +80,7 @@ def test_jit_trains_what_pmap_trains(straight):
     np.testing.assert_allclose(jit_result[key], pmap_result[key], rtol=1e-5, err_msg=key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first_half", ["jit", "pmap"])
 def test_resume_under_jit_continues_the_run(straight, tmp_path, first_half):
   """Stopped at step 3 (under jit, or under pmap), resumed under jit to step 6."""

@@ -56,6 +56,7 @@ def listing(path):
 
 
 # 1. An incompatible config stops; a compatible change passes.
+@pytest.mark.slow
 @pytest.mark.parametrize("change,field", [
     (dict(optimizer="adam"), "optimizer"),
     (dict(model_kwargs__widths=(8, 8)), "model_kwargs.widths"),
@@ -71,6 +72,7 @@ def test_resume_with_an_incompatible_config_stops_and_deletes_nothing(run_dir, c
   assert listing(run_dir) == before
 
 
+@pytest.mark.slow
 def test_a_lower_learning_rate_and_a_longer_run_resume(run_dir, caplog):
   caplog.set_level("INFO")
   result = train.train_and_evaluate(runlocal(num_train_steps=6, learning_rate=0.01),
@@ -82,12 +84,14 @@ def test_a_lower_learning_rate_and_a_longer_run_resume(run_dir, caplog):
   assert recorded["learning_rate"] == 0.01 and recorded["num_train_steps"] == 6
 
 
+@pytest.mark.slow
 def test_allow_config_change_continues(run_dir):
   result = train.train_and_evaluate(runlocal(num_train_steps=6, seed=3), str(run_dir),
                                     allow_config_change=True)
   assert np.isfinite(result["eval_loss"]) and steps_on_disk(run_dir) == [2, 4, 6]
 
 
+@pytest.mark.slow
 def test_a_record_from_before_a_field_existed_resumes(run_dir, caplog):
   # A workdir written by an older version lacks fields declared since: they
   # are taken as they are now, with a warning; a real change still stops.
@@ -117,6 +121,7 @@ def test_a_checkpoint_of_another_state_is_an_error_not_a_restart(run_dir):
 
 
 # 2. Foreign entries in checkpoints/ are ignored, named, and left alone.
+@pytest.mark.slow
 def test_foreign_entries_do_not_break_restore_or_save(run_dir, caplog):
   ckpt = run_dir / "checkpoints"
   (ckpt / "99").mkdir()
@@ -134,6 +139,7 @@ def test_foreign_entries_do_not_break_restore_or_save(run_dir, caplog):
 
 
 # 3. A diverged state is never checkpointed.
+@pytest.mark.slow
 def test_non_finite_state_is_never_saved(tmp_path):
   path = tmp_path / "wd"
   with pytest.raises(train.NonFiniteLossError) as e:
@@ -159,6 +165,7 @@ def test_nonfinite_leaves_names_the_tensors():
   assert train.nonfinite_leaves(tree) == ["['b']['c']"]
 
 
+@pytest.mark.slow
 def test_a_damaged_record_is_checked_against_the_config_in_the_checkpoints(run_dir, caplog):
   # A truncated config.json no longer lets a changed seed train on over the run:
   # the config saved in the newest checkpoint stands in for it.
@@ -186,6 +193,7 @@ def test_a_second_run_on_a_held_workdir_stops_at_once(run_dir):
   assert not (run_dir / workdir.LOCK_FILE).exists()  # released on exit
 
 
+@pytest.mark.slow
 def test_a_stale_lock_is_taken_over(run_dir):
   dead = subprocess.Popen([sys.executable, "-c", "pass"])
   dead.wait()
@@ -195,6 +203,7 @@ def test_a_stale_lock_is_taken_over(run_dir):
   assert steps_on_disk(run_dir) == [2, 4, 6]
 
 
+@pytest.mark.slow
 def test_a_lock_of_another_host_is_taken_over_once_its_lease_expired(run_dir, caplog):
   (run_dir / workdir.LOCK_FILE).write_text(json.dumps(
       {"pid": 1, "host": "requeued-from", "token": "t", "started": "earlier",
@@ -219,6 +228,7 @@ def test_a_renewed_lock_of_another_host_stops_the_run(run_dir):
 
 
 # 5. + 10. A damaged newest checkpoint is moved aside and its step saved again.
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["zero-filled", "flipped bytes"])
 def test_damaged_checkpoint_is_moved_aside_and_replaced(run_dir, damage, caplog):
   data = [p for p in (run_dir / "checkpoints" / "4").rglob("*") if p.is_file()

@@ -39,6 +39,7 @@ def test_overrides_parse_and_apply():
     run.apply_overrides(config, {"ovsw.no_such_field": 1})
 
 
+@pytest.mark.slow
 def test_runs_are_found_with_their_files(study):
   root, group_dir = study
   found = events.find_runs(root)
@@ -82,6 +83,7 @@ def test_tables(study, tmp_path):
   assert md.count("\n| ovsw |") == 1 and "silent ratio" in md
 
 
+@pytest.mark.slow
 def test_plots(study, tmp_path):
   root, _ = study
   written = plots.write_plots(root, tmp_path, layers="first,last")
@@ -143,6 +145,7 @@ def test_grid_point_config_zero_strength_turns_the_transform_off():
     grid.point_config({"no_such_field": 1}, dataset="digits", arm="ovsw", base={})
 
 
+@pytest.mark.slow
 def test_grid_runs_report_and_resume(tmp_path):
   axes = [grid.parse_axis("optimizer/learning_rate=sgd/0.1,adam/1e-3")]
   # An epath.Path (the study may live on an object store): pathlib's rglob and stat below.
@@ -185,6 +188,7 @@ def test_memory_per_binary_weight_from_the_state():
   assert memory.measure(memory.abstract_state(config))["ovsw"] < 1e-3  # a scalar per layer
 
 
+@pytest.mark.slow
 def test_summed_learning_rate_and_matched_strengths():
   config = run.load_config("digits", "ovsw")
   spe, epochs, warmup, lr0 = 22, int(config.num_epochs), int(config.warmup_epochs), 0.1

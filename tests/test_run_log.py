@@ -147,6 +147,7 @@ class _ListHandler(logging.Handler):
     self.lines.append(record.getMessage())
 
 
+@pytest.mark.slow
 def test_metrics_jsonl_has_train_and_eval_lines_with_per_layer_keys(resumed_run):
   workdir, _ = resumed_run
   records = read_jsonl(workdir / "metrics.jsonl")

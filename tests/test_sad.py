@@ -150,6 +150,7 @@ def test_prev_signs_start_from_init_params():
   np.testing.assert_allclose(np.asarray(state.tracker), [[0.5, 0.5]])
 
 
+@pytest.mark.slow
 def test_dampen_weight_schedule():
   w, g = random_walk(steps=4, seed=3)
   gammas = [0.1, 0.1, 0.0, 2.0]
@@ -167,6 +168,7 @@ def test_dampen_weight_schedule():
       np.testing.assert_array_equal(np.asarray(outs[2]), g[2])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [False, True])
 def test_inject_hyperparams_identical_updates(jit):
   w, g = random_walk(steps=4, seed=5)
@@ -183,6 +185,7 @@ def test_inject_hyperparams_identical_updates(jit):
   np.testing.assert_allclose(float(states[-1].hyperparams["dampen_weight"]), 0.2, rtol=1e-7)
 
 
+@pytest.mark.slow
 def test_bf16():
   w, g = random_walk(steps=3, seed=7, shape=(3, 3, 2, 4))
   wb = [jnp.asarray(x, jnp.bfloat16) for x in w]
@@ -235,6 +238,7 @@ def test_state_memory_per_weight():
   assert nbytes(state2) == nbytes(state)
 
 
+@pytest.mark.slow
 def test_silent_fraction_per_leaf():
   rs = np.random.RandomState(2)
   w0 = {"a": rs.randn(3, 3, 2, 4).astype(np.float32), "b": rs.randn(5, 6).astype(np.float32)}
@@ -256,6 +260,7 @@ def test_silent_fraction_per_leaf():
   np.testing.assert_allclose(float(state.silent_fraction["a"]), 1 - 18 / 72, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_tuple_params():
   w, g = random_walk(steps=2, seed=9, shape=(4, 5))
   w2, g2 = random_walk(steps=2, seed=10, shape=(3, 3))

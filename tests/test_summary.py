@@ -61,6 +61,7 @@ def test_small_model_by_hand():
   assert s.compression == pytest.approx(4 * s.params / s.deployed_bytes)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(summary.PAPER_MODELS))
 def test_paper_models_count_their_actual_params(name):
   classes, shape = summary.PAPER_MODELS[name]

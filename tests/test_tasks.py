@@ -30,6 +30,7 @@ def final_state(config, workdir):
   return checkpointing.restore_latest(manager, train.setup(config).initial_state)
 
 
+@pytest.mark.slow
 def test_a_task_in_one_module_trains_evaluates_and_resumes_bitwise(tmp_path, monkeypatch):
   config = toy_config(6)
   straight = train.train_and_evaluate(config, str(tmp_path / "straight"))

@@ -27,6 +27,7 @@ def check_result(result, num_eval):
     assert any(k.startswith(key + "/") for k in result), f"no per-layer {key}"
 
 
+@pytest.mark.slow
 def test_cifar_config_on_mock_data(tmp_path):
   config = load_config("cifar10_resnet20", "runlocal")
   with tfds.testing.mock_data(num_examples=20):
@@ -35,6 +36,7 @@ def test_cifar_config_on_mock_data(tmp_path):
   assert "silent_fraction" in result and "scaled_fraction" in result
 
 
+@pytest.mark.slow
 def test_imagenet_config_on_mock_data(tmp_path):
   config = load_config("imagenet_r18", "runlocal")
   config.image_size = 32
@@ -43,6 +45,7 @@ def test_imagenet_config_on_mock_data(tmp_path):
   check_result(result, 12)
 
 
+@pytest.mark.slow
 def test_embedded_default_trains_and_learns(tmp_path):
   config = load_config("default", "")
   config.model_kwargs.widths = (16, 32)
@@ -56,6 +59,7 @@ def test_embedded_default_trains_and_learns(tmp_path):
   assert list(tmp_path.glob("events.out.tfevents.*")), "no TensorBoard events"
 
 
+@pytest.mark.slow
 def test_vanilla_arm_bf16_label_smoothing(tmp_path):
   config = load_config("default", "runlocal,vanilla")
   config.half_precision = True
@@ -77,6 +81,7 @@ def _final_state(config, workdir):
   return checkpointing.restore_latest(manager, target)
 
 
+@pytest.mark.slow
 def test_resume_gives_bitwise_the_same_state(tmp_path, monkeypatch):
   config = load_config("default", "runlocal")
   config.num_train_steps = 6
