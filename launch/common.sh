@@ -71,8 +71,13 @@ python_new_enough() {
 # True when this machine or task has an NVIDIA GPU (what SLURM gave it, or
 # what nvidia-smi lists): a CPU jaxlib there is a mistake, elsewhere the norm.
 nvidia_gpu_here() {
-  [[ -n ${CUDA_VISIBLE_DEVICES:-} || -n ${SLURM_GPUS_ON_NODE:-} || -n ${SLURM_STEP_GPUS:-} ]] ||
-    nvidia-smi -L 2>/dev/null | grep -q '^GPU'
+  [[ -n ${CUDA_VISIBLE_DEVICES:-} || -n ${SLURM_GPUS_ON_NODE:-} || -n ${SLURM_STEP_GPUS:-} ]] &&
+    return 0
+  # The whole listing first: `nvidia-smi -L | grep -q` under pipefail fails at random when
+  # grep exits at the first GPU line while nvidia-smi still writes the next (SIGPIPE).
+  local listing
+  listing=$(nvidia-smi -L 2>/dev/null) || true
+  [[ $'\n'$listing == *$'\n'GPU* ]]
 }
 
 # check_python PY KIND (gpu | tpu | cpu): exits 2 with the reason and the fix
