@@ -76,16 +76,18 @@ def abstract_state(config, info: tuple[int, tuple[int, ...]] | None = None):
   """The `TrainState` of `config`, as shapes and dtypes (nothing allocated)."""
   # pylint: disable=g-import-not-at-top
   from ovsw_jax.trainer import input_pipeline, train
-  from ovsw_jax.trainer.tasks import base
-  if info is None:
-    data = input_pipeline.get_info(config)
-    info = (data.num_classes, data.image_shape)
-  num_classes, image_shape = info
-  model = base.create_model(config, num_classes, train.AXIS)
+  from ovsw_jax.trainer.tasks import image_classification
+  data = None
+  if info is not None:
+    num_classes, image_shape = info
+    data = input_pipeline.DatasetInfo(config.dataset, num_classes=num_classes,
+                                      image_shape=tuple(image_shape), num_train=0, num_eval=0)
+  task = image_classification.ImageClassification(config, data)
+  model = task.create_model(train.AXIS)
   tx = train.create_optimizer(config, lambda step: 0.1)
-  inputs = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
   return jax.eval_shape(
-      lambda key, x: train.create_train_state(key, model, tx, x), jax.random.key(0), inputs)
+      lambda key: train.create_train_state(key, model, tx, task.init_inputs()),
+      jax.random.key(0))
 
 
 def measure(state) -> dict[str, float]:
