@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")  # helpers.DEVICES
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache = tempfile.mkdtemp(prefix="ovsw-jax-test-compilation-cache-")
@@ -30,8 +30,20 @@ TRAINING_FIXTURES = {"trained_run", "trained_export", "store", "wheel", "straigh
                      "study", "resumed_run"}
 
 
+# The files that take longest (worker seconds in `pytest --durations`), longest first. The
+# suite runs on 2 workers one file at a time in collection order (README: `--dist loadfile
+# --no-loadscope-reorder`; xdist's own reorder puts the files with the fewest tests, often
+# the slowest, last): these start first so that neither worker ends long after the other.
+# A stale list costs balance, never a test.
+LONGEST_FIRST = ("test_multihost.py", "test_multihost_faults.py", "test_reliability.py",
+                 "test_train.py", "test_export.py", "test_config_checks.py", "test_repro.py",
+                 "test_packaging.py", "test_tasks.py", "test_main.py", "test_object_store.py")
+
+
 def pytest_collection_modifyitems(config, items):
   import pytest  # pylint: disable=g-import-not-at-top
   for item in items:
     if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
       item.add_marker(pytest.mark.slow)
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole

@@ -20,6 +20,9 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs"
+# Host CPU devices of the test process (tests/conftest.py) and, unless a test
+# asks for another layout, of the processes it starts.
+DEVICES = 4
 ORACLE_DIR = pathlib.Path(__file__).resolve().parent / "data" / "oracle"
 
 
@@ -66,12 +69,14 @@ def load_config(name_or_path: str | os.PathLike, arg: str | None = None):
   return module.get_config(arg)
 
 
-def module_command(module: str, args, *, cwd=ROOT, devices: int = 1,
+def module_command(module: str, args, *, cwd=ROOT, devices: int = DEVICES,
                    pythonpath: str | os.PathLike | None = ROOT, **kwargs) -> subprocess.Popen:
   """Starts `python -m module *args` with stdout and stderr merged into one text pipe.
 
   `pythonpath` (the checkout by default) is what the child imports `ovsw_jax`
-  and `configs` from; `devices` host CPU devices are simulated.
+  and `configs` from; `devices` host CPU devices are simulated (by default as
+  many as in this process: a run the tests also train here then compiles to the
+  same programs, which the suite's compilation cache holds, tests/conftest.py).
   """
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   if pythonpath is not None:
