@@ -13,6 +13,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")  # helpers.DEVICES
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
@@ -26,8 +28,27 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 # Module fixtures that train a run (or build a wheel) for the tests that read it: every test
 # that uses one is slow, however quick its own body (`-m "not slow"` is the quick loop).
-TRAINING_FIXTURES = {"trained_run", "trained_export", "store", "wheel", "straight", "trained",
-                     "study", "resumed_run"}
+TRAINING_FIXTURES = {"digits_run", "trained_run", "trained_export", "store", "wheel",
+                     "straight", "trained", "study", "resumed_run"}
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory):
+  """`(config, workdir, result)`: the embedded default's recipe with a small binary ResNet,
+  100 steps (still in warm-up), evaluated once at the end; checkpoints and events written.
+
+  Trained once per worker for every test that reads a briefly trained digits run
+  (test_train, test_export).
+  """
+  from helpers import load_config  # pylint: disable=g-import-not-at-top
+  from ovsw_jax.trainer import train  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp("digits_run")
+  config = load_config("default", "")
+  config.model_kwargs.widths = (16, 32)
+  config.model_kwargs.blocks_per_stage = 1
+  config.num_train_steps = 100
+  config.eval_every_epochs = 100  # evaluate once, at the end
+  return config, workdir, train.train_and_evaluate(config, str(workdir))
 
 
 # The files that take longest (worker seconds in `pytest --durations`), longest first. The
@@ -41,7 +62,6 @@ LONGEST_FIRST = ("test_multihost.py", "test_multihost_faults.py", "test_reliabil
 
 
 def pytest_collection_modifyitems(config, items):
-  import pytest  # pylint: disable=g-import-not-at-top
   for item in items:
     if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
       item.add_marker(pytest.mark.slow)

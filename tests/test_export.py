@@ -34,16 +34,9 @@ def load_config(name, arg=""):
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
+def trained_run(digits_run):
   """A small binary ResNet trained briefly on the embedded digits (config.json recorded)."""
-  workdir = tmp_path_factory.mktemp("run")
-  config = load_config("default")
-  config.model_kwargs.widths = (8, 16)
-  config.model_kwargs.blocks_per_stage = 1
-  config.num_train_steps = 60
-  config.warmup_epochs = 0
-  config.eval_every_epochs = 1000  # evaluate once, at the end
-  result = train.train_and_evaluate(config, str(workdir))
+  config, workdir, result = digits_run
   assert result["eval_accuracy"] > 0.2  # it learned something (chance: 0.1)
   setup = train.setup(config)
   manager = checkpointing.create_manager(str(workdir / "checkpoints"))
@@ -257,13 +250,13 @@ def _with_header(net, **changes):
 
 
 def test_shape_mismatches_are_rejected(trained_export):
-  wider = _with_header(trained_export, model_kwargs={"widths": [16, 32], "blocks_per_stage": 1})
+  wider = _with_header(trained_export, model_kwargs={"widths": [32, 64], "blocks_per_stage": 1})
   with pytest.raises(export.ExportError, match="re-export"):
     export.from_bytes(wider.to_bytes())
   payload = jax.tree.map(lambda x: x, trained_export.payload)
   payload["float"]["linear"]["kernel"] = payload["float"]["linear"]["kernel"][:, :5]
   with pytest.raises(export.ExportError,
-                     match=r"float parameter linear/kernel has shape \(16, 5\)"):
+                     match=r"float parameter linear/kernel has shape \(32, 5\)"):
     export.from_bytes(export.ExportedNetwork(trained_export.header, payload).to_bytes())
   payload = jax.tree.map(lambda x: x, trained_export.payload)
   payload["affine"]["bn1"]["scale"] = payload["affine"]["bn1"]["scale"].astype(np.float64)
@@ -292,7 +285,7 @@ def test_cli_exports_and_evaluates(trained_run, tmp_path):
   assert out.is_file()
   assert "agreement 1.0000" in run.stdout and "OPs = BOPs/64 + FLOPs" in run.stdout
   run = _cli(f"--evaluate={out}", "--config=configs/default.py",
-             "--config.model_kwargs.widths=(8,16)", "--config.model_kwargs.blocks_per_stage=1")
+             "--config.model_kwargs.widths=(16,32)", "--config.model_kwargs.blocks_per_stage=1")
   assert run.returncode == 0, run.stderr
   assert "top-1" in run.stdout
 

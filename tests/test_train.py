@@ -45,18 +45,12 @@ def test_imagenet_config_on_mock_data(tmp_path):
   check_result(result, 12)
 
 
-@pytest.mark.slow
-def test_embedded_default_trains_and_learns(tmp_path):
-  config = load_config("default", "")
-  config.model_kwargs.widths = (16, 32)
-  config.model_kwargs.blocks_per_stage = 1
-  config.num_train_steps = 100
-  config.eval_every_epochs = 100  # evaluate once, at the end
-  result = train.train_and_evaluate(config, str(tmp_path))
+def test_embedded_default_trains_and_learns(digits_run):
+  config, workdir, result = digits_run
   check_result(result, input_pipeline.get_info(config).num_eval)
   assert result["eval_accuracy"] > 0.6  # chance is 0.1
-  assert list((tmp_path / "checkpoints").iterdir()), "no checkpoint written"
-  assert list(tmp_path.glob("events.out.tfevents.*")), "no TensorBoard events"
+  assert list((workdir / "checkpoints").iterdir()), "no checkpoint written"
+  assert list(workdir.glob("events.out.tfevents.*")), "no TensorBoard events"
 
 
 @pytest.mark.slow
