@@ -1,5 +1,7 @@
 """Test set-up: 4 CPU devices, so the pmap and jit paths split batches as on a multi-GPU host;
-one compilation cache for the whole session, shared with the processes the tests start.
+XLA's backend optimisation level 0 (`helpers.XLA_TEST_FLAGS`: the same numbers, shorter
+compilations); one compilation cache for the whole session, shared with the processes
+the tests start.
 
 The cache (jax's persistent compilation cache, in a fresh folder removed at the end)
 only skips compiling again what an earlier test or process already compiled: the
@@ -15,7 +17,9 @@ import tempfile
 
 import pytest
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")  # helpers.DEVICES
+import helpers  # noqa: E402  (tests/ is on the path of its own conftest)
+
+os.environ.setdefault("XLA_FLAGS", helpers.xla_flags())  # 4 devices, optimisation level 0
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache = tempfile.mkdtemp(prefix="ovsw-jax-test-compilation-cache-")

@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 
-from helpers import ROOT, load_config
+from helpers import ROOT, load_config, xla_flags
 from ovsw_jax.trainer import checkpointing, train
 
 RUNLOCAL = [f"--config={ROOT}/configs/default.py:runlocal"]
@@ -37,7 +37,7 @@ FLAKY_RESTORE = (str(ROOT / "tests" / "flaky_restore.py"),)
 
 
 def start(args, log, *, devices=2, limit_s=LIMIT_S, program=MAIN):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices),
              PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
   cmd = ["timeout", "-k", "60", str(limit_s), sys.executable, *program, *args]
   return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=open(log, "w"),
@@ -67,7 +67,7 @@ def run_launched_pair(workdir, config, args, logs, devices=2):
   logs.mkdir(parents=True, exist_ok=True)
   port, procs = free_port(), []
   for i in range(2):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices),
                JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), PYTHON=sys.executable,
                TF_CPP_MIN_LOG_LEVEL="3", COORDINATOR=f"127.0.0.1:{port}",
                NUM_PROCESSES="2", PROCESS_ID=str(i))

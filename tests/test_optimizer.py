@@ -16,7 +16,9 @@ from helpers import ROOT, module_command
 
 def params_and_grads():
   model = models.get_model("tiny", num_classes=10)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)["params"]
+  # Under jit: one compilation instead of one per initialiser op and shape.
+  init = jax.jit(lambda key: model.init(key, jnp.zeros((1, 8, 8, 3)), train=False))
+  params = init(jax.random.key(0))["params"]
   grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
   return params, grads
 

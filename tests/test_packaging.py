@@ -54,8 +54,10 @@ def test_wheel_requires_only_the_core_stack(wheel):
 def test_installed_package_runs_its_default_config_outside_a_checkout(wheel, tmp_path):
   site = tmp_path / "site"
   zipfile.ZipFile(wheel).extractall(site)
+  # The smoke run's model and batches (its programs are in the suite's compilation cache).
   proc = module_command(
       "ovsw_jax.main", ["--workdir=wd", "--config.model=tiny", "--config.num_train_steps=3",
+                        "--config.batch_size=8", "--config.eval_batch_size=8",
                         "--config.log_every_steps=1", "--config.checkpoint_every_steps=3"],
       cwd=tmp_path, pythonpath=site)
   out, _ = proc.communicate(timeout=300)

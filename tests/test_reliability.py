@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import DEVICES, ROOT, load_config
+from helpers import ROOT, load_config, xla_flags
 from ovsw_jax.trainer import checkpointing, train, workdir
 
 
@@ -275,7 +275,7 @@ def test_keep_no_checkpoints_is_rejected(tmp_path):
 # 7. + 10. The command line: short messages, meaningful exit codes.
 def cli(args, cwd, extra_env=None, preexec_fn=None, timeout=300):
   # This process's devices: the runs compile to the programs `trained` compiled here.
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(),
              PYTHONPATH=str(ROOT), **(extra_env or {}))
   proc = subprocess.run(["timeout", "-k", "10", str(timeout), sys.executable, "-m",
                          "ovsw_jax.main", *args], cwd=cwd, env=env, capture_output=True,
