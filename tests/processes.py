@@ -61,32 +61,23 @@ def outputs(logs):
   return [(logs / f"p{i}.log").read_text() for i in range(2)]
 
 
-def run_launched_pair(workdir, config, args, logs, devices=2):
-  """Processes 0 and 1 of a run started by launch/gpu_multinode.sh as its comment
-  says to start it by hand (no SLURM): COORDINATOR, NUM_PROCESSES, PROCESS_ID."""
-  logs.mkdir(parents=True, exist_ok=True)
-  port, procs = free_port(), []
-  for i in range(2):
-    env = dict(os.environ, XLA_FLAGS=xla_flags(devices),
-               JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), PYTHON=sys.executable,
-               TF_CPP_MIN_LOG_LEVEL="3", COORDINATOR=f"127.0.0.1:{port}",
-               NUM_PROCESSES="2", PROCESS_ID=str(i))
-    procs.append(subprocess.Popen(
-        ["timeout", "-k", "60", str(LIMIT_S), "bash", str(ROOT / "launch/gpu_multinode.sh"),
-         config, str(workdir), *args],
-        env=env, cwd=ROOT, stdout=open(logs / f"p{i}.log", "w"), stderr=subprocess.STDOUT))
-  rcs = [p.wait(timeout=LIMIT_S + 90) for p in procs]
-  out = outputs(logs)
-  assert rcs == [0, 0], f"exit statuses {rcs}\n" + "\n".join(o[-3000:] for o in out)
-  return out
+def start_launched(workdir, config, args, log, *, port, process_id, devices=2):
+  """Process `process_id` of a 2-process run, started by launch/gpu_multinode.sh as its
+  comment says to start it by hand (no SLURM): COORDINATOR, NUM_PROCESSES, PROCESS_ID."""
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu",
+             PYTHONPATH=str(ROOT), PYTHON=sys.executable, TF_CPP_MIN_LOG_LEVEL="3",
+             COORDINATOR=f"127.0.0.1:{port}", NUM_PROCESSES="2", PROCESS_ID=str(process_id))
+  return subprocess.Popen(
+      ["timeout", "-k", "60", str(LIMIT_S), "bash", str(ROOT / "launch/gpu_multinode.sh"),
+       config, str(workdir), *args],
+      env=env, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
-def run_pair(workdir, args, logs, devices=2, programs=(MAIN, MAIN)):
-  logs.mkdir(parents=True, exist_ok=True)
-  procs = start_pair(workdir, args, logs, devices, programs=programs)
+def wait_ok(procs, logs):
+  """The processes' outputs, once every one has ended with status 0."""
   rcs = [p.wait(timeout=LIMIT_S + 90) for p in procs]
   out = outputs(logs)
-  assert rcs == [0, 0], f"exit statuses {rcs}\n" + "\n".join(o[-3000:] for o in out)
+  assert rcs == [0] * len(procs), f"exit statuses {rcs}\n" + "\n".join(o[-3000:] for o in out)
   return out
 
 
