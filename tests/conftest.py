@@ -60,9 +60,11 @@ def digits_run(tmp_path_factory):
 # --no-loadscope-reorder`; xdist's own reorder puts the files with the fewest tests, often
 # the slowest, last): these start first so that neither worker ends long after the other.
 # A stale list costs balance, never a test.
-LONGEST_FIRST = ("test_multihost.py", "test_multihost_faults.py", "test_reliability.py",
-                 "test_train.py", "test_export.py", "test_config_checks.py", "test_repro.py",
-                 "test_packaging.py", "test_tasks.py", "test_main.py", "test_object_store.py")
+LONGEST_FIRST = ("test_multihost_faults.py", "test_train.py", "test_multihost.py",
+                 "test_reliability.py", "test_config_checks.py", "test_layers.py",
+                 "test_export.py", "test_main.py", "test_packaging.py", "test_repro.py",
+                 "test_ovsw_chain.py", "test_parallelism.py", "test_object_store.py",
+                 "test_tasks.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -228,16 +228,16 @@ def test_cli_errors_are_one_line_without_a_traceback(tmp_path):
 
 @pytest.mark.slow
 def test_the_default_trains_and_evaluates_exactly_on_many_devices(tmp_path):
-  """Two steps of the default's batch layout on 32 fake CPU devices; the 360 test images
+  """Two steps of the default's batch layout on 16 fake CPU devices; the 360 test images
   counted once.
 
   The default's batches (64, evaluation 120) with the smoke model: the layout does
-  not depend on the model, and compiling for 32 devices takes a fraction as long.
-  32 devices do not divide 120, so it is rounded up to 128 (as on 16, which the
-  layout's unit tests cover for every config) and the last batch is mostly padding.
+  not depend on the model, and compiling for 16 devices takes a fraction as long.
+  16 devices do not divide 120, so it is rounded up to 128 (other device counts:
+  the layout's unit tests) and the last batch is part padding.
   A device count that divides it: test_train's default run on this process's 4.
   """
-  devices = 32
+  devices = 16
   workdir = tmp_path / "wd"
   proc = module_command("ovsw_jax.main", [
       f"--workdir={workdir}", f"--config={ROOT}/configs/default.py:runlocal",
