@@ -56,9 +56,9 @@ def digits_run(tmp_path_factory):
 
 
 # The files that take longest (worker seconds in `pytest --durations`), longest first. The
-# suite runs on 2 workers one file at a time in collection order (README: `--dist loadfile
+# suite runs on 3 workers one file at a time in collection order (README: `--dist loadfile
 # --no-loadscope-reorder`; xdist's own reorder puts the files with the fewest tests, often
-# the slowest, last): these start first so that neither worker ends long after the other.
+# the slowest, last): these start first so that no worker ends long after the others.
 # A stale list costs balance, never a test.
 LONGEST_FIRST = ("test_multihost_faults.py", "test_train.py", "test_multihost.py",
                  "test_reliability.py", "test_config_checks.py", "test_layers.py",
