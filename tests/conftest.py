@@ -17,7 +17,7 @@ import tempfile
 
 import pytest
 
-import helpers  # noqa: E402  (tests/ is on the path of its own conftest)
+import helpers  # tests/ is on the path of its own conftest
 
 os.environ.setdefault("XLA_FLAGS", helpers.xla_flags())  # 4 devices, optimisation level 0
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

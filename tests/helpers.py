@@ -20,6 +20,7 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs"
+ORACLE_DIR = pathlib.Path(__file__).resolve().parent / "data" / "oracle"
 # Host CPU devices of the test process (tests/conftest.py) and, unless a test
 # asks for another layout, of the processes it starts.
 DEVICES = 4
@@ -34,7 +35,6 @@ XLA_TEST_FLAGS = "--xla_backend_optimization_level=0"
 def xla_flags(devices: int = DEVICES) -> str:
   """`XLA_FLAGS` for a test process with `devices` host CPU devices."""
   return f"--xla_force_host_platform_device_count={devices} {XLA_TEST_FLAGS}"
-ORACLE_DIR = pathlib.Path(__file__).resolve().parent / "data" / "oracle"
 
 
 def load_oracle(name: str) -> dict[str, np.ndarray]:

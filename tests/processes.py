@@ -36,12 +36,16 @@ MAIN = ("-m", "ovsw_jax.main")
 FLAKY_RESTORE = (str(ROOT / "tests" / "flaky_restore.py"),)
 
 
-def start(args, log, *, devices=2, limit_s=LIMIT_S, program=MAIN):
-  env = dict(os.environ, XLA_FLAGS=xla_flags(devices),
-             PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
-  cmd = ["timeout", "-k", "60", str(limit_s), sys.executable, *program, *args]
-  return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=open(log, "w"),
-                          stderr=subprocess.STDOUT)
+def _spawn(cmd, log, devices, **env):
+  """`cmd` under `timeout -k`, with `devices` host CPU devices, its output into `log`."""
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices), PYTHONPATH=str(ROOT),
+             TF_CPP_MIN_LOG_LEVEL="3", **env)
+  return subprocess.Popen(["timeout", "-k", "60", str(LIMIT_S), *cmd], env=env, cwd=ROOT,
+                          stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def start(args, log, *, devices=2, program=MAIN):
+  return _spawn([sys.executable, *program, *args], log, devices)
 
 
 def pair_flags(workdir, port, process_id, num_processes=2):
@@ -64,13 +68,10 @@ def outputs(logs):
 def start_launched(workdir, config, args, log, *, port, process_id, devices=2):
   """Process `process_id` of a 2-process run, started by launch/gpu_multinode.sh as its
   comment says to start it by hand (no SLURM): COORDINATOR, NUM_PROCESSES, PROCESS_ID."""
-  env = dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu",
-             PYTHONPATH=str(ROOT), PYTHON=sys.executable, TF_CPP_MIN_LOG_LEVEL="3",
-             COORDINATOR=f"127.0.0.1:{port}", NUM_PROCESSES="2", PROCESS_ID=str(process_id))
-  return subprocess.Popen(
-      ["timeout", "-k", "60", str(LIMIT_S), "bash", str(ROOT / "launch/gpu_multinode.sh"),
-       config, str(workdir), *args],
-      env=env, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+  return _spawn(["bash", str(ROOT / "launch/gpu_multinode.sh"), config, str(workdir), *args],
+                log, devices, JAX_PLATFORMS="cpu", PYTHON=sys.executable,
+                COORDINATOR=f"127.0.0.1:{port}", NUM_PROCESSES="2",
+                PROCESS_ID=str(process_id))
 
 
 def wait_ok(procs, logs):

@@ -17,9 +17,10 @@ import shutil
 
 import pytest
 
-from helpers import ROOT, load_config
+from helpers import ROOT
 from processes import (FLAKY_RESTORE, RUNLOCAL, assert_states_close, checkpoint_steps,
-                       free_port, pair_flags, start, start_launched, state_at, wait_ok)
+                       config_of, free_port, pair_flags, start, start_launched, state_at,
+                       wait_ok)
 from ovsw_jax.trainer import train
 
 pytestmark = pytest.mark.slow
@@ -29,9 +30,8 @@ SETTINGS = ["--config.checkpoint_every_steps=3", "--config.keep_checkpoints=5"]
 
 def in_this_process(workdir, num_train_steps, caplog):
   """The run of SETTINGS, trained here on this process's 4 devices; its log."""
-  config = load_config("default", "runlocal")
+  config = config_of(num_train_steps)
   config.checkpoint_every_steps, config.keep_checkpoints = 3, 5
-  config.num_train_steps = num_train_steps
   caplog.clear()
   train.train_and_evaluate(config, str(workdir))
   return caplog.text
