@@ -1,4 +1,4 @@
-"""ovsw_jax: binary neural networks trained with OvSW in JAX, Flax and Optax.
+"""ovsw_jax: binary (and ternary, k-bit) neural networks trained with OvSW in JAX, Flax and Optax.
 
 The names below load on first use, so `import ovsw_jax.optim` (the Optax
 transforms alone) does not import Flax, and `import ovsw_jax` imports nothing
@@ -25,6 +25,9 @@ _EXPORTS = {
     "scale_by_ags": "ovsw_jax.optim",
     "LATENT_KERNEL": "ovsw_jax.naming",
     "BinaryConv": "ovsw_jax.layers",
+    "QuantConv": "ovsw_jax.layers",
+    "QuantDense": "ovsw_jax.layers",
+    "kernel_quantizers": "ovsw_jax.layers",
     "xnor_conv": "ovsw_jax.layers",
     "approx_sign": "ovsw_jax.quantizers",
     "channel_scale": "ovsw_jax.quantizers",

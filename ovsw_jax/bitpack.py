@@ -1,4 +1,4 @@
-"""Bit-packed sign storage: 2 bits per weight instead of a float.
+"""Bit-packed sign and level storage: 2 bits per weight instead of a float (k for k-bit levels).
 
 `sign` takes three values (-1, 0, +1) and the release compares signs with
 `sign(0) = 0`, so a sign is stored exactly as two bit-planes, "positive" and
@@ -47,7 +47,7 @@ def unpack_bits(packed: jax.Array, shape) -> jax.Array:
 
 
 def changed_bits(packed_a: jax.Array, packed_b: jax.Array) -> jax.Array:
-  """Where two packed sign arrays differ, packed as `pack_bits` packs a mask.
+  """Where two packed sign (or level) arrays differ, packed as `pack_bits` packs a mask.
 
   Two signs differ exactly where one of their bit-planes differs, so this is
   `(a_pos ^ b_pos) | (a_neg ^ b_neg)` on the bytes: 8 weights per operation
@@ -58,7 +58,10 @@ def changed_bits(packed_a: jax.Array, packed_b: jax.Array) -> jax.Array:
   >>> unpack_bits(changed_bits(a, b), (3,)).tolist()
   [False, True, True]
   """
-  return (packed_a[0] ^ packed_b[0]) | (packed_a[1] ^ packed_b[1])
+  changed = (packed_a[0] ^ packed_b[0]) | (packed_a[1] ^ packed_b[1])
+  for i in range(2, packed_a.shape[0]):  # more planes: `pack_levels` of k bits
+    changed = changed | (packed_a[i] ^ packed_b[i])
+  return changed
 
 
 def sign_changed(packed: jax.Array, x: jax.Array) -> jax.Array:
@@ -73,3 +76,31 @@ def sign_changed(packed: jax.Array, x: jax.Array) -> jax.Array:
   [False, True, True]
   """
   return unpack_bits(changed_bits(packed, pack_signs(x)), x.shape)
+
+
+def pack_levels(levels: jax.Array, planes: int) -> jax.Array:
+  """Packs integer levels as `planes` bit-planes (two's complement), uint8 `(planes, ceil(n / 8))`.
+
+  Two levels are equal exactly when all their planes are, provided both lie in
+  `[-2**(planes-1), 2**(planes-1))` (a k-bit quantizer's levels, in k
+  planes), so `changed_bits` compares them packed as it compares signs.
+
+  >>> import jax.numpy as jnp
+  >>> packed = pack_levels(jnp.array([-7, 0, 3, 7]), 4)
+  >>> packed.shape, unpack_levels(packed, (4,)).tolist()
+  ((4, 1), [-7, 0, 3, 7])
+  """
+  flat = levels.reshape(-1).astype(jnp.int32)
+  return jnp.stack([jnp.packbits(((flat >> i) & 1).astype(bool)) for i in range(planes)])
+
+
+def unpack_levels(packed: jax.Array, shape) -> jax.Array:
+  """Inverse of `pack_levels`: an int32 array of `shape` (sign-extended from the top plane)."""
+  size = 1
+  for d in shape:
+    size *= int(d)
+  planes = packed.shape[0]
+  bits = jnp.unpackbits(packed, axis=-1, count=size).astype(jnp.int32)
+  value = sum(bits[i] << i for i in range(planes))
+  value = value - (bits[planes - 1] << planes)  # the top plane is the sign bit
+  return value.reshape(shape)

@@ -1,4 +1,4 @@
-"""The binary convolution as a `flax.nnx` module (docs/method.md §5).
+"""The binary convolution and the quantized Dense and Conv layers as `flax.nnx` modules.
 
 `BinaryConv` computes what the linen `ovsw_jax.layers.BinaryConv` computes:
 the same `xnor_conv`, the same Kaiming-normal fan-in initialisation, and the
@@ -18,13 +18,16 @@ example, to give them an optimizer of their own).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.nnx.nn.dtypes import promote_dtype
 
-from ovsw_jax.layers import PaddingLike, kaiming_normal_fan_in, xnor_conv
+from ovsw_jax import quantizers
+from ovsw_jax.layers import PaddingLike, kaiming_normal_fan_in, quant_conv, quant_dense, xnor_conv
+from ovsw_jax.naming import LATENT_KERNEL
 
 
 class LatentKernel(nnx.Param):
@@ -105,3 +108,137 @@ class BinaryConv(nnx.Module):
     dtype = self.dtype or x.dtype
     return xnor_conv(x.astype(dtype), self.latent_kernel[...], strides=self.strides,
                      padding=self.padding, training=not deterministic)
+
+
+# nnx.Linear's and nnx.Conv's defaults.
+_DEFAULT_KERNEL_INIT = nnx.initializers.lecun_normal()
+_ZEROS = nnx.initializers.zeros_init()
+
+
+def _check_features(**features) -> None:
+  for name, value in features.items():
+    if int(value) != value or value < 1:
+      raise ValueError(f"{name}={value!r} must be a positive int.")
+
+
+class QuantDense(nnx.Module):
+  """`nnx.Linear` with a quantized kernel and, optionally, quantized inputs.
+
+  Arguments as `flax.nnx.Linear`, plus `kernel_quantizer` (default 'sign') and
+  `input_quantizer` (default None) as for the linen `ovsw_jax.QuantDense`. The
+  latent weight is the `LatentKernel` `latent_kernel`, `(in, out)` (a plain
+  `nnx.Param` named `kernel` when `kernel_quantizer=None`).
+
+  >>> from flax import nnx
+  >>> import jax.numpy as jnp, ovsw_jax as ow
+  >>> layer = ow.nnx.QuantDense(3, 4, kernel_quantizer='uniform4', rngs=nnx.Rngs(0))
+  >>> layer(jnp.ones((2, 3))).shape, layer.latent_kernel[...].shape
+  ((2, 4), (3, 4))
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
+               dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
+               precision: Any = None,
+               kernel_init: nnx.Initializer = _DEFAULT_KERNEL_INIT,
+               bias_init: nnx.Initializer = _ZEROS,
+               kernel_quantizer: Any = "sign", input_quantizer: Any = None, rngs: nnx.Rngs):
+    _check_features(in_features=in_features, out_features=out_features)
+    self.in_features, self.out_features = int(in_features), int(out_features)
+    self.kernel_quantizer = quantizers.get(kernel_quantizer)
+    self.input_quantizer = quantizers.get(input_quantizer)
+    self.dtype, self.precision = dtype, precision
+    kernel = kernel_init(rngs.params(), (self.in_features, self.out_features), param_dtype)
+    _set_kernel(self, kernel)
+    self.bias = (nnx.Param(bias_init(rngs.params(), (self.out_features,), param_dtype))
+                 if use_bias else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x, kernel, bias = _promote(self, x)
+    return quant_dense(x, kernel, bias, kernel_quantizer=self.kernel_quantizer,
+                       input_quantizer=self.input_quantizer, precision=self.precision)
+
+
+class QuantConv(nnx.Module):
+  """`nnx.Conv` (1-D, 2-D or 3-D, channels last) with quantized kernel and inputs.
+
+  Arguments as `flax.nnx.Conv`, plus `kernel_quantizer` and `input_quantizer`
+  as for `QuantDense`; the latent weight is `latent_kernel`,
+  `kernel_size + (in / groups, out)`.
+  """
+
+  def __init__(self, in_features: int, out_features: int, kernel_size: int | Sequence[int],
+               strides: int | Sequence[int] = 1, *, padding: Any = "SAME",
+               input_dilation: int | Sequence[int] = 1,
+               kernel_dilation: int | Sequence[int] = 1, feature_group_count: int = 1,
+               use_bias: bool = True, dtype: jnp.dtype | None = None,
+               param_dtype: jnp.dtype = jnp.float32, precision: Any = None,
+               kernel_init: nnx.Initializer = _DEFAULT_KERNEL_INIT,
+               bias_init: nnx.Initializer = _ZEROS,
+               kernel_quantizer: Any = "sign", input_quantizer: Any = None, rngs: nnx.Rngs):
+    _check_features(in_features=in_features, out_features=out_features)
+    if in_features % feature_group_count:
+      raise ValueError(f"QuantConv: in_features={in_features} is not divisible by "
+                       f"feature_group_count={feature_group_count}.")
+    kernel_size = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
+    self.in_features, self.out_features = int(in_features), int(out_features)
+    self.kernel_size = kernel_size
+    self.strides, self.padding = strides, padding
+    self.input_dilation, self.kernel_dilation = input_dilation, kernel_dilation
+    self.feature_group_count = feature_group_count
+    self.kernel_quantizer = quantizers.get(kernel_quantizer)
+    self.input_quantizer = quantizers.get(input_quantizer)
+    self.dtype, self.precision = dtype, precision
+    shape = kernel_size + (self.in_features // feature_group_count, self.out_features)
+    _set_kernel(self, kernel_init(rngs.params(), shape, param_dtype))
+    self.bias = (nnx.Param(bias_init(rngs.params(), (self.out_features,), param_dtype))
+                 if use_bias else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x, kernel, bias = _promote(self, x)
+    return quant_conv(x, kernel, bias, strides=self.strides, padding=self.padding,
+                      input_dilation=self.input_dilation, kernel_dilation=self.kernel_dilation,
+                      feature_group_count=self.feature_group_count,
+                      kernel_quantizer=self.kernel_quantizer,
+                      input_quantizer=self.input_quantizer, precision=self.precision)
+
+
+def _set_kernel(layer, kernel: jax.Array) -> None:
+  if layer.kernel_quantizer is None:
+    layer.kernel = nnx.Param(kernel)
+  else:
+    layer.latent_kernel = LatentKernel(kernel)
+
+
+def _promote(layer, x):
+  kernel = (layer.kernel if layer.kernel_quantizer is None else layer.latent_kernel)[...]
+  bias = layer.bias[...] if layer.bias is not None else None
+  return promote_dtype((x, kernel, bias), dtype=layer.dtype)
+
+
+def kernel_quantizers(model: nnx.Module) -> dict[str, Any]:
+  """`{latent kernel path: its quantizer}` of an nnx model, for OvSW's `levels=`.
+
+  Every `BinaryConv` (sign), `QuantDense` and `QuantConv` with a quantized
+  kernel, found by walking the model's graph; the paths are those of
+  `nnx.state(model)`, as `ovsw_jax.naming.path_name` writes them.
+
+  >>> from flax import nnx
+  >>> import ovsw_jax as ow
+  >>> class Net(nnx.Module):
+  ...   def __init__(self, rngs):
+  ...     self.a = ow.nnx.QuantDense(4, 4, kernel_quantizer='ternary', rngs=rngs)
+  ...     self.b = ow.nnx.QuantDense(4, 2, kernel_quantizer=None, rngs=rngs)
+  >>> ow.nnx.kernel_quantizers(Net(nnx.Rngs(0)))
+  {'a/latent_kernel': Ternary(rule='absmean', axis=None)}
+  """
+  found = {}
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, BinaryConv):
+      q = quantizers.SIGN
+    elif isinstance(node, QuantDense | QuantConv):
+      q = node.kernel_quantizer
+    else:
+      continue
+    if q is not None:
+      found["/".join(str(p) for p in path) + "/" + LATENT_KERNEL] = q
+  return found

@@ -37,6 +37,8 @@ def ovsw(
     track_threshold: float | jax.Array = 1e-4,
     *,
     mask: Any | Callable[[optax.Params], Any] | None = binary_weight_mask,
+    levels: Any = None,
+    toward: str = "zero",
 ) -> optax.GradientTransformation:
   """AGS then SAD, ready to chain in front of any Optax optimizer.
 
@@ -55,6 +57,12 @@ def ovsw(
       layers (`binary_weight_mask`). None applies it to every leaf. Under
       `optax.inject_hyperparams`, name it static (it is callable, so it would
       be taken for a schedule): `inject_hyperparams(ovsw, static_args=('mask',))`.
+    levels: the quantizer of each kernel, for SAD's flip tracking (a flip is a
+      change of level): None for signs (binary kernels, the release); for
+      ternary or k-bit kernels `ow.kernel_quantizers(model, x)` (linen) or
+      `ow.nnx.kernel_quantizers(model)`. See `ovsw_jax.optim.levels`.
+    toward: SAD's target for silent weights, 'zero' (the release) or
+      'boundary' (the nearest level threshold); see `add_sad_penalty`.
 
   Returns:
     An `optax.GradientTransformation` whose state is
@@ -69,4 +77,5 @@ def ovsw(
   """
   return optax.chain(
       scale_by_ags(delta, mask=mask),
-      add_sad_penalty(dampen_weight, track_momentum, track_threshold, mask=mask))
+      add_sad_penalty(dampen_weight, track_momentum, track_threshold, mask=mask,
+                      levels=levels, toward=toward))

@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ovsw_jax import bitpack
+from ovsw_jax import bitpack, quantizers
 from ovsw_jax.optim import _common
+from ovsw_jax.optim import levels as levels_lib
 
 
 class AddSadPenaltyState(NamedTuple):
@@ -17,11 +18,14 @@ class AddSadPenaltyState(NamedTuple):
 
   Attributes:
     count: number of updates so far (int32), for a `dampen_weight` schedule.
-    tracker: per weight, the exponential moving average of "its sign flipped
-      at this step" (float32, same shape as the parameter; starts at 0).
+    tracker: per weight, the exponential moving average of "its sign (its
+      level) flipped at this step" (float32, same shape as the parameter;
+      starts at 0).
     prev_signs: per parameter leaf, the signs of the weights seen at the last
-      step, bit-packed by `bitpack.pack_signs` (uint8, 2 bits per weight). The
-      release keeps the whole previous weight; only its sign is ever read.
+      step, bit-packed by `bitpack.pack_signs` (uint8, 2 bits per weight); for
+      a leaf with another quantizer (`levels=`), its levels packed by the
+      quantizer (2 bits ternary, k bits k-bit). The release keeps the whole
+      previous weight; only its sign is ever read.
     silent_fraction: per parameter leaf, the fraction of its weights that were
       silent (`tracker < track_threshold`) at the last step. A measurement.
   """
@@ -58,6 +62,8 @@ def add_sad_penalty(
     track_threshold: float | jax.Array = 1e-4,
     *,
     mask: Any | Callable[[optax.Params], Any] | None = None,
+    levels: Any = None,
+    toward: str = "zero",
 ) -> optax.GradientTransformation:
   r"""Adds an L2 decay on silent weights only: those that have not flipped sign lately.
 
@@ -82,6 +88,14 @@ def add_sad_penalty(
     track_threshold: sigma, >= 0; a weight whose tracker is below it is silent.
     mask: a pytree of bools or a callable returning one; only True leaves are
       penalised and tracked (use `binary_weight_mask`).
+    levels: each tracked leaf's quantizer (`ovsw_jax.optim.levels`): a flip is
+      a change of its level. None: signs (the release). For ternary or k-bit
+      kernels pass `ovsw_jax.kernel_quantizers(model, x)` (linen) or
+      `ovsw_jax.nnx.kernel_quantizers(model)`.
+    toward: where the penalty pulls a silent weight: 'zero' (the release,
+      `gamma * w`) or 'boundary' (`gamma * (w - b)`, `b` the nearest
+      threshold at which the weight's level changes, e.g. +-0.5 s for
+      ternary; for signs that threshold is 0, so both agree). docs/method.md §9.
 
   Returns:
     An `optax.GradientTransformation`.
@@ -108,6 +122,12 @@ def add_sad_penalty(
     Networks", ECCV 2024, https://arxiv.org/abs/2407.05257
   """
   _check_hyperparams(dampen_weight, track_momentum, track_threshold)
+  if toward not in ("zero", "boundary"):
+    raise _common.HyperparameterError(
+        f"add_sad_penalty: toward={toward!r}: use 'zero' (the release) or 'boundary' "
+        "(the nearest threshold of the weight's level).", "toward")
+  if levels is not None:
+    levels_lib.resolve(levels, {})  # a bad spec fails here, not inside jit
 
   def init_fn(params):
     _common.check_schedule_start("add_sad_penalty", "dampen_weight", dampen_weight,
@@ -115,7 +135,9 @@ def add_sad_penalty(
     return AddSadPenaltyState(
         count=jnp.zeros([], jnp.int32),
         tracker=jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
-        prev_signs=jax.tree.map(bitpack.pack_signs, params),
+        prev_signs=(jax.tree.map(bitpack.pack_signs, params) if levels is None else
+                    jax.tree.map(lambda q, p: q.pack(p),
+                                 levels_lib.resolve(levels, params), params)),
         silent_fraction=jax.tree.map(lambda _: jnp.zeros([], jnp.float32), params))
 
   def update_fn(updates, state, params=None):
@@ -129,18 +151,22 @@ def add_sad_penalty(
                    if isinstance(track_momentum, (int, float)) else 1.0 - m)
     sigma = jnp.asarray(track_threshold, jnp.float32)
 
-    def step(g, w, s, prev):
-      now = bitpack.pack_signs(w)  # compared packed, and kept as the next step's `prev`
+    def step(q, g, w, s, prev):
+      now = q.pack(w)  # compared packed, and kept as the next step's `prev`
       flipped = bitpack.unpack_bits(bitpack.changed_bits(prev, now), w.shape)
       flipped = flipped.astype(jnp.float32)
       s = m * s + one_minus_m * flipped
       silent = s < sigma
-      penalty = jnp.where(silent, gamma * w.astype(jnp.float32), 0.0)
+      pull = w.astype(jnp.float32)
+      if toward == "boundary" and not isinstance(q, quantizers.Sign):  # a sign's boundary is 0
+        pull = pull - q.boundary(w)
+      penalty = jnp.where(silent, gamma * pull, 0.0)
       g = (g.astype(jnp.float32) + penalty).astype(g.dtype)
       return g, s, now, jnp.mean(silent.astype(jnp.float32))
 
+    qs = levels_lib.resolve(levels, params)
     new_updates, tracker, prev_signs, silent = _common.tree_unzip(
-        updates, jax.tree.map(step, updates, params, state.tracker, state.prev_signs), 4)
+        updates, jax.tree.map(step, qs, updates, params, state.tracker, state.prev_signs), 4)
     return new_updates, AddSadPenaltyState(
         count=optax.safe_increment(state.count), tracker=tracker,
         prev_signs=prev_signs, silent_fraction=silent)

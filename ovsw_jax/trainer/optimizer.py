@@ -6,6 +6,8 @@ The glue between `ml_collections` configs and the Optax transforms of
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -52,8 +54,12 @@ def _weight_decay_mask(params, exclude_1d: bool):
   return jax.tree.map(lambda p: not (exclude_1d and p.ndim <= 1), params)
 
 
-def ovsw_transforms(oc: ml_collections.ConfigDict) -> list[optax.GradientTransformation]:
+def ovsw_transforms(oc: ml_collections.ConfigDict,
+                    levels: Any = None) -> list[optax.GradientTransformation]:
   """AGS and SAD as `config.ovsw` asks (none, one or both), on binary kernels only.
+
+  `levels`: the kernels' quantizers (`train.model_levels`; None: signs), and
+  `config.ovsw.toward` (default 'zero') SAD's target (`add_sad_penalty`).
 
   Why: a bad value (`--config.ovsw.delta=nan`, a negative `dampen_weight`, a
   `track_momentum` of 1) must stop the run before training with a message that
@@ -68,7 +74,8 @@ def ovsw_transforms(oc: ml_collections.ConfigDict) -> list[optax.GradientTransfo
       parts.append(scale_by_ags(oc.delta, mask=binary_weight_mask))
     if oc.sad:
       parts.append(add_sad_penalty(oc.dampen_weight, oc.track_momentum,
-                                   oc.track_threshold, mask=binary_weight_mask))
+                                   oc.track_threshold, mask=binary_weight_mask,
+                                   levels=levels, toward=oc.get("toward", "zero")))
   except HyperparameterError as e:
     raise ValueError(
         f"config.ovsw.{e.argument} is invalid: {e} Fix it in the config file or "
@@ -76,8 +83,8 @@ def ovsw_transforms(oc: ml_collections.ConfigDict) -> list[optax.GradientTransfo
   return parts
 
 
-def create_optimizer(config: ml_collections.ConfigDict,
-                     learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule,
+                     levels: Any = None) -> optax.GradientTransformation:
   """loss gradient -> AGS -> SAD -> weight decay -> base optimizer (docs/method.md §4).
 
   AGS and SAD act on the latent kernels of binary layers only
@@ -86,7 +93,7 @@ def create_optimizer(config: ml_collections.ConfigDict,
   the gradient as in torch's SGD, skipping 1-D parameters (BatchNorm, biases,
   PReLU) when `config.wd_exclude_1d`.
   """
-  parts = ovsw_transforms(config.ovsw)
+  parts = ovsw_transforms(config.ovsw, levels)
   if config.weight_decay:
     parts.append(optax.add_decayed_weights(
         config.weight_decay,

@@ -30,7 +30,7 @@ import optax
 from jax.experimental import multihost_utils
 from clu import metrics as clu_metrics, parameter_overview, periodic_actions
 
-from ovsw_jax import metrics
+from ovsw_jax import layers, metrics, quantizers
 from ovsw_jax.trainer import checkpointing, config_checks, parallel, preemption, run_log, tasks
 from ovsw_jax.trainer import workdir as workdir_lib
 from ovsw_jax.optim import binary_weight_mask
@@ -69,11 +69,26 @@ class NonFiniteLossError(FloatingPointError):
   """Raised when the training loss becomes NaN or Inf."""
 
 
+def model_levels(model: nn.Module, inputs: Any) -> dict[str, Any] | None:
+  """The quantizer of each of `model`'s quantized kernels (`layers.kernel_quantizers`).
+
+  None when every one is a sign (binary kernels): OvSW's and the metrics' own
+  default, the release's arithmetic exactly. Otherwise the `levels=` the
+  trainer gives SAD and the flip metrics, so a ternary or k-bit kernel is
+  tracked by its level, never silently by its sign.
+  """
+  found = layers.kernel_quantizers(model, inputs, train=False)
+  if all(isinstance(q, quantizers.Sign) for q in found.values()):
+    return None
+  return found
+
+
 def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation,
-                       inputs: jax.Array) -> TrainState:
+                       inputs: jax.Array, levels: Any = None) -> TrainState:
   """Initialises params, batch stats, optimizer and flip history (pure).
 
-  `inputs` is one batch as the model takes it (`Task.init_inputs`).
+  `inputs` is one batch as the model takes it (`Task.init_inputs`); `levels`
+  the kernels' quantizers (`model_levels`; None: signs).
   """
   init_rng, state_rng = jax.random.split(rng)
   variables = model.init(init_rng, inputs, train=False)
@@ -84,22 +99,22 @@ def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTrans
       params=params,
       batch_stats=variables.get("batch_stats", {}),
       opt_state=tx.init(params),
-      flips=metrics.init_flip_state(params, mask),
+      flips=metrics.init_flip_state(params, mask, levels),
       rng=jax.random.key_data(state_rng))
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, task: tasks.Task,
                model: nn.Module, tx: optax.GradientTransformation,
-               learning_rate_fn: optax.Schedule, axis_name: str | None = AXIS
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+               learning_rate_fn: optax.Schedule, axis_name: str | None = AXIS,
+               levels: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimisation step (pure). Gradients and metrics are averaged over `axis_name`.
 
   The model is applied to `task.inputs(batch)` and `task.train_loss` is
   differentiated (`tasks.Task`); BatchNorm statistics are averaged by the
   model itself (its `bn_axis_name`). Returns the new state and this step's
   metrics (means over the global batch): the loss, the task's metrics, the
-  fraction of binary weights that flipped, and OvSW's measurements read from
-  the optimizer state.
+  fraction of binary weights that flipped (changed level, with `levels`), and
+  OvSW's measurements read from the optimizer state.
   """
   def loss_fn(params):
     outputs, new_vars = model.apply(
@@ -117,7 +132,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, task: tasks.Ta
   step_metrics = {
       "loss": loss,
       **task.train_metrics(outputs, batch),
-      "step_flip_ratio": metrics.step_flip_fraction(state.params, params, mask),
+      "step_flip_ratio": metrics.step_flip_fraction(state.params, params, mask, levels),
   }
   if axis_name is not None:
     step_metrics = jax.lax.pmean(step_metrics, axis_name)
@@ -127,7 +142,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, task: tasks.Ta
       step_metrics[key] = value
   new_state = state.replace(
       step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
-      flips=metrics.update_flip_state(state.flips, params, mask))
+      flips=metrics.update_flip_state(state.flips, params, mask, levels))
   return new_state, step_metrics
 
 
@@ -165,12 +180,12 @@ def evaluate(p_eval_step: Callable, state: TrainState, task: tasks.Task,
           "eval_count": float(totals["count"])}
 
 
-def instruments(state: TrainState) -> dict[str, float]:
+def instruments(state: TrainState, levels: Any = None) -> dict[str, float]:
   """The paper's instruments, overall and per binary layer, from the train state."""
   mask = binary_weight_mask(state.params)
   out = {}
   out.update(metrics.silent_ratio(state.flips, state.params, mask))
-  out.update(metrics.flip_ratio(state.flips, state.params, mask))
+  out.update(metrics.flip_ratio(state.flips, state.params, mask, levels))
   out.update(metrics.ovsw_fractions(state.opt_state, state.params, mask))
   return {k: float(v) for k, v in out.items()}
 
@@ -198,6 +213,7 @@ class Setup(NamedTuple):
   model: nn.Module
   tx: optax.GradientTransformation
   initial_state: TrainState
+  levels: Any = None  # the kernels' quantizers (`model_levels`); None: all signs
 
 
 def setup(config: ml_collections.ConfigDict) -> Setup:
@@ -210,9 +226,10 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   steps_per_epoch = max(task.num_train // config.batch_size, 1)
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
   model = task.create_model(AXIS)
-  tx = create_optimizer(config, learning_rate_fn)
-  state = create_train_state(jax.random.key(config.seed), model, tx, task.init_inputs())
-  return Setup(task, steps_per_epoch, learning_rate_fn, model, tx, state)
+  levels = model_levels(model, task.init_inputs())
+  tx = create_optimizer(config, learning_rate_fn, levels=levels)
+  state = create_train_state(jax.random.key(config.seed), model, tx, task.init_inputs(), levels)
+  return Setup(task, steps_per_epoch, learning_rate_fn, model, tx, state, levels)
 
 
 
@@ -261,11 +278,13 @@ def _compile(run: Setup, config: ml_collections.ConfigDict, donate: bool) -> _Lo
   scheme = parallel.create(config.get("parallelism", "pmap"), AXIS)
   mask = binary_weight_mask(run.initial_state.params)
   step = functools.partial(train_step, task=run.task, model=run.model, tx=run.tx,
-                           learning_rate_fn=run.learning_rate_fn, axis_name=AXIS)
+                           learning_rate_fn=run.learning_rate_fn, axis_name=AXIS,
+                           levels=run.levels)
   evaluate_ = functools.partial(eval_step, task=run.task, model=run.model, axis_name=AXIS)
 
   def start(state):
-    return state.replace(flips=metrics.start_interval(state.flips, state.params, mask))
+    return state.replace(flips=metrics.start_interval(state.flips, state.params, mask,
+                                                      run.levels))
   return _Loop(
       train=scheme.compile(step, donate=donate),
       eval=scheme.compile(evaluate_),
@@ -375,7 +394,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, donate: bool,
   def evaluate_now(stop):
     summary = evaluate(loop.eval, rstate, run.task, eval_batch_size, scheme, stop)
     if summary is not None:  # None: stopped on request midway
-      summary.update(instruments(host_state()))
+      summary.update(instruments(host_state(), run.levels))
     return summary
 
   train_iter = run.task.train_batches(

@@ -1,0 +1,173 @@
+"""QuantDense and QuantConv (linen and nnx) against flax's own layers fed NumPy-quantized
+kernels, and the quantizers OvSW reads off a model."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import ovsw_jax as ow
+from test_multilevel import ref_uniform
+
+RNG = np.random.default_rng(1)
+
+
+def np_quantize(kernel, name):
+  """A kernel quantized by NumPy formulas (values, not the code under test)."""
+  k = np.asarray(kernel, np.float64)
+  if name == "sign":
+    return np.sign(k)
+  if name == "ternary":
+    levels, scale = ref_uniform(k, 2, "absmean", None)
+    return levels * scale
+  if name == "uniform4":
+    levels, scale = ref_uniform(k, 4, "absmax", None)
+    return levels * scale
+  raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", ["sign", "ternary", "uniform4"])
+def test_quant_dense_is_flax_dense_with_the_quantized_kernel(name):
+  x = jnp.asarray(RNG.normal(size=(5, 7)), jnp.float32)
+  layer = ow.QuantDense(3, kernel_quantizer=name)
+  params = layer.init(jax.random.key(0), x)["params"]
+  assert set(params) == {"latent_kernel", "bias"}
+  params = {"latent_kernel": params["latent_kernel"], "bias": jnp.asarray(RNG.normal(size=3))}
+  ref = nn.Dense(3).apply({"params": {"kernel": np_quantize(params["latent_kernel"], name),
+                                      "bias": params["bias"]}}, x)
+  np.testing.assert_allclose(layer.apply({"params": params}, x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_input_quantizer_and_float_kernel():
+  x = jnp.asarray(RNG.normal(size=(4, 6)), jnp.float32)
+  layer = ow.QuantDense(2, kernel_quantizer=None, input_quantizer="approx_sign", use_bias=False)
+  params = layer.init(jax.random.key(0), x)["params"]
+  assert set(params) == {"kernel"}  # a float kernel is not a latent one: OvSW's mask skips it
+  want = np.sign(np.asarray(x)) @ np.asarray(params["kernel"], np.float64)
+  np.testing.assert_allclose(layer.apply({"params": params}, x), want, rtol=1e-5, atol=1e-5)
+  grad = jax.grad(lambda x: layer.apply({"params": params}, x).sum())(x)
+  # ApproxSign's gradient: 2 - 2|x| inside [-1, 1], times the kernel's row sums.
+  want = np.maximum(0, 2 - 2 * np.abs(np.asarray(x))) * np.asarray(params["kernel"]).sum(1)
+  np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("spatial,kwargs", [
+    (1, dict(kernel_size=(3,), strides=2, padding="SAME")),
+    (2, dict(kernel_size=(3, 3), strides=1, padding=1, kernel_dilation=2)),
+    (2, dict(kernel_size=(2, 2), padding="VALID", feature_group_count=2)),
+])
+@pytest.mark.parametrize("name", ["sign", "ternary"])
+def test_quant_conv_is_flax_conv_with_the_quantized_kernel(spatial, kwargs, name):
+  x = jnp.asarray(RNG.normal(size=(2,) + (9,) * spatial + (4,)), jnp.float32)
+  layer = ow.QuantConv(6, kernel_quantizer=name, input_quantizer="sign", **kwargs)
+  params = layer.init(jax.random.key(0), x)["params"]
+  ref = nn.Conv(6, **kwargs).apply(
+      {"params": {"kernel": np_quantize(params["latent_kernel"], name), "bias": params["bias"]}},
+      np.sign(np.asarray(x)))
+  got = layer.apply({"params": params}, x)
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_nnx_layers_compute_what_the_linen_layers_compute():
+  x = jnp.asarray(RNG.normal(size=(2, 8, 8, 3)), jnp.float32)
+  conv = ow.nnx.QuantConv(3, 5, (3, 3), strides=2, kernel_quantizer="uniform4",
+                          input_quantizer="int8", rngs=nnx.Rngs(0))
+  linen = ow.QuantConv(5, (3, 3), strides=2, kernel_quantizer="uniform4", input_quantizer="int8")
+  params = {"latent_kernel": conv.latent_kernel[...], "bias": conv.bias[...]}
+  np.testing.assert_array_equal(conv(x), linen.apply({"params": params}, x))
+  dense = ow.nnx.QuantDense(3, 4, kernel_quantizer="twn", rngs=nnx.Rngs(1))
+  assert isinstance(dense.latent_kernel, ow.nnx.LatentKernel)
+  params = {"latent_kernel": dense.latent_kernel[...], "bias": dense.bias[...]}
+  np.testing.assert_array_equal(
+      dense(x), ow.QuantDense(4, kernel_quantizer="twn").apply({"params": params}, x))
+  with pytest.raises(ValueError, match="quantizer 'ternery' is unknown"):
+    ow.nnx.QuantDense(3, 4, kernel_quantizer="ternery", rngs=nnx.Rngs(0))
+
+
+class LinenNet(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=True):
+    x = ow.QuantDense(16, kernel_quantizer="ternary", name="ternary")(x)
+    x = ow.QuantDense(16, kernel_quantizer="uniform4", name="four_bit")(nn.relu(x))
+    x = ow.QuantDense(16, name="binary")(nn.relu(x))
+    return nn.Dense(2, name="head")(x)
+
+
+class NnxNet(nnx.Module):
+  def __init__(self, rngs):
+    self.ternary = ow.nnx.QuantDense(4, 16, kernel_quantizer="ternary", rngs=rngs)
+    self.four_bit = ow.nnx.QuantDense(16, 16, kernel_quantizer="uniform4", rngs=rngs)
+    self.binary = ow.nnx.QuantDense(16, 16, rngs=rngs)
+    self.head = nnx.Linear(16, 2, rngs=rngs)
+
+  def __call__(self, x):
+    x = self.four_bit(nnx.relu(self.ternary(x)))
+    return self.head(self.binary(nnx.relu(x)))
+
+
+WANT = {"ternary/latent_kernel": ow.quantizers.Ternary(),
+        "four_bit/latent_kernel": ow.quantizers.Uniform(4),
+        "binary/latent_kernel": ow.quantizers.Sign()}
+
+
+def test_kernel_quantizers_are_read_off_linen_and_nnx_models():
+  assert ow.kernel_quantizers(LinenNet(), jnp.ones((1, 4))) == WANT
+  assert ow.nnx.kernel_quantizers(NnxNet(nnx.Rngs(0))) == WANT
+
+
+def _data():
+  x = jnp.asarray(RNG.normal(size=(64, 4)), jnp.float32)
+  return x, (x[:, 0] + x[:, 1] > 0).astype(jnp.int32)
+
+
+def _tracked_levels(opt_state):
+  """{path: bit-planes of the packed levels} of SAD's previous levels."""
+  prev = optax.tree.get(opt_state, "prev_signs")
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(prev)[0]:
+    out[ow.naming.path_name(ow.naming.parameter_path(path))] = leaf.shape[0]
+  return out
+
+
+@pytest.mark.parametrize("base", [optax.sgd(0.05, momentum=0.9), optax.adam(1e-2)],
+                         ids=["sgd", "adam"])
+def test_linen_and_nnx_models_train_with_ovsw_on_their_levels(base):
+  x, y = _data()
+  planes = {"ternary/latent_kernel": 2, "four_bit/latent_kernel": 4, "binary/latent_kernel": 2}
+  # linen
+  model = LinenNet()
+  params = model.init(jax.random.key(0), x)["params"]
+  tx = optax.chain(ow.ovsw(0.04, 9e-4, levels=ow.kernel_quantizers(model, x)), base)
+  state = tx.init(params)
+  assert _tracked_levels(state) == planes  # exactly the quantized kernels, head excluded
+  loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+      model.apply({"params": p}, x), y).mean()
+
+  @jax.jit
+  def step(params, state):
+    value, grads = jax.value_and_grad(loss)(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, value
+
+  first = float(loss(params))
+  for _ in range(30):
+    params, state, value = step(params, state)
+  assert float(value) < first
+  # nnx
+  net = NnxNet(nnx.Rngs(0))
+  opt = nnx.Optimizer(net, optax.chain(
+      ow.ovsw(0.04, 9e-4, levels=ow.nnx.kernel_quantizers(net)), base), wrt=nnx.Param)
+  assert _tracked_levels(opt.opt_state) == planes
+
+  @nnx.jit
+  def nnx_step(net, opt):
+    value, grads = nnx.value_and_grad(
+        lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean())(net)
+    opt.update(net, grads)
+    return value
+
+  values = [float(nnx_step(net, opt)) for _ in range(30)]
+  assert values[-1] < values[0]
