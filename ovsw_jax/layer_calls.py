@@ -16,12 +16,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ovsw_jax.layers import BinaryConv
+from ovsw_jax.layers import BinaryConv, QuantConv, QuantDense
 from ovsw_jax.models.common import PReLU
 
 # Leaf kinds, most specific first (BinaryConv is checked before nn.Conv).
 _KINDS = (
     (BinaryConv, "binary_conv"),
+    (QuantConv, "quant_conv"),
+    (QuantDense, "quant_dense"),
     (nn.Conv, "conv"),
     (nn.Dense, "dense"),
     (nn.BatchNorm, "batch_norm"),
@@ -36,7 +38,8 @@ class LayerCall:
   Attributes:
     path: the module's path, '/'-joined (`layer1_0/conv1`): the key of its
       parameters in the params tree.
-    kind: 'binary_conv', 'conv', 'dense', 'batch_norm' or 'prelu'.
+    kind: 'binary_conv', 'quant_conv', 'quant_dense', 'conv', 'dense',
+      'batch_norm' or 'prelu'.
     in_shape: input shape without the batch axis.
     out_shape: output shape without the batch axis.
     module: the (bound-free) module, for its attributes (strides, padding,

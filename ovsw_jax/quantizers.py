@@ -5,7 +5,7 @@ The forward of every binarizer is `jnp.sign`, so `sign(0) = 0`, as in the
 authors' PyTorch release (`torch.sign`). Beyond one bit: ternary (BitNet b1.58,
 TWN) and k-bit uniform kernels, int8 per-token activations. The `Quantizer`
 objects wrap them for the layers (`QuantDense`, `QuantConv`) and tell OvSW's
-transforms and metrics each weight's integer level (docs/method.md §9).
+transforms and metrics each weight's integer level (docs/method.md §10).
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def channel_scale(w: jax.Array, axis: int = -1, eps: float = 1e-5) -> jax.Array:
 # a value `l * s` with a scale `s` (per tensor, or per output channel along
 # `axis`). Its gradient is straight through (identity), as BitNet's
 # `w + stop_gradient(q(w) - w)`: the scale is data, not a function to
-# differentiate. docs/method.md §9 gives the rules and SAD's targets.
+# differentiate. docs/method.md §10 gives the rules and SAD's targets.
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -292,7 +292,7 @@ class Quantizer:
   def boundary(self, x: jax.Array) -> jax.Array:
     """The level-change threshold nearest to each entry (float32, `x`'s shape).
 
-    SAD's `toward="boundary"` pulls a silent weight there (docs/method.md §9).
+    SAD's `toward="boundary"` pulls a silent weight there (docs/method.md §10).
     Ties go to the upper threshold.
     """
     x32 = jax.lax.stop_gradient(x).astype(jnp.float32)
@@ -342,7 +342,7 @@ def _grid_cells(levels: jax.Array, q: int, s: jax.Array):
 
 @dataclasses.dataclass(frozen=True)
 class Ternary(Quantizer):
-  """Ternary weights `{-1, 0, +1} * s`, straight through (docs/method.md §9).
+  """Ternary weights `{-1, 0, +1} * s`, straight through (docs/method.md §10).
 
   rule='absmean' (BitNet b1.58, Ma et al., 2024): `s = mean|w|`,
   `level = clip(round(w / s), -1, 1)`. rule='twn' (Li et al., 2016):

@@ -3,9 +3,16 @@
 Counted as BNN papers count them (XNOR-Net, Bi-Real Net, ReActNet):
   * binary MACs (BOPs): multiply-accumulates of 1-bit weights with 1-bit
     activations, `H_out * W_out * C_out * kh * kw * C_in` per binary conv;
+  * integer MACs: those of a quantized layer (`QuantDense`, `QuantConv`) whose
+    weights and inputs are both quantized, not both to 1 bit (ternary or k-bit
+    weights with binary or int8 inputs), counted one operation each; quantized
+    weights with full-precision inputs count as FLOPs;
   * FLOPs: multiply-accumulates of the full-precision convs and dense layers;
-  * OPs = BOPs / 64 + FLOPs (a 64-bit word does 64 binary MACs per XNOR + popcount);
-  * memory: 1 bit per binary weight, 32 bits per full-precision parameter.
+  * OPs = BOPs / 64 + integer MACs + FLOPs (a 64-bit word does 64 binary MACs
+    per XNOR + popcount);
+  * memory: 1 bit per binary weight, the quantizer's stored bits per quantized
+    weight (2 for ternary, whose 1.58 bits of information are what `weight_bits`
+    reports; k for k-bit), 32 bits per full-precision parameter.
 BatchNorm (a per-channel affine at inference, into which the binary conv's
 scale `alpha` is folded), activations, pooling and residual adds are not counted
 as operations. Parameters are the trainable ones (BatchNorm's running
@@ -27,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ovsw_jax import models
+from ovsw_jax import models, quantizers
 from ovsw_jax.layer_calls import LayerCall, trace
 
 # The paper's five models: (num_classes, image shape).
@@ -45,13 +52,14 @@ class LayerCost:
   """One leaf layer's cost for one image."""
   path: str
   kind: str
-  weight_bits: int
+  weight_bits: float       # information per weight: 1, log2(3) = 1.58 ternary, k, 32
   activation_bits: int
   params: int
   float32_bytes: int       # every parameter in float32
-  deployed_bytes: float    # binary weights at 1 bit, the rest float32
+  deployed_bytes: float    # quantized weights at their stored bits, the rest float32
   binary_macs: int
   float_macs: int
+  integer_macs: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +76,13 @@ class Summary:
 
   @property
   def binary_params(self) -> int:
-    return int(sum(row.params for row in self.layers if row.kind == "binary_conv"))
+    """Parameters of the layers with 1-bit weights (their biases included)."""
+    return int(sum(row.params for row in self.layers
+                   if row.kind in _QUANTIZED and row.weight_bits == 1))
+
+  @property
+  def integer_macs(self) -> int:
+    return int(self.total("integer_macs"))
 
   @property
   def bops(self) -> int:
@@ -80,13 +94,13 @@ class Summary:
 
   @property
   def ops(self) -> float:
-    """BOPs / 64 + FLOPs."""
-    return self.bops / 64 + self.flops
+    """BOPs / 64 + integer MACs + FLOPs."""
+    return self.bops / 64 + self.integer_macs + self.flops
 
   @property
   def float_model_flops(self) -> int:
     """FLOPs of the same network with every layer in full precision."""
-    return self.bops + self.flops
+    return self.bops + self.integer_macs + self.flops
 
   @property
   def float32_bytes(self) -> int:
@@ -113,16 +127,37 @@ def _macs(call: LayerCall, params: Any) -> int:
   return math.prod(call.out_shape) * fan_in
 
 
+_QUANTIZED = ("binary_conv", "quant_conv", "quant_dense")
+
+
+def _bits(quantizer) -> tuple[float, int]:
+  """(reported, stored) bits of what `quantizer` makes: 32 for none (full precision)."""
+  q = quantizers.get(quantizer)
+  return (32.0, 32) if q is None else (q.reported_bits, q.bits)
+
+
 def layer_cost(call: LayerCall, params: Any) -> LayerCost:
-  """The cost of one traced layer call, from its parameter shapes."""
+  """The cost of one traced layer call, from its parameter shapes (and quantizers)."""
   n = _size(params)
-  binary = call.kind == "binary_conv"
-  macs = _macs(call, params) if call.kind in ("binary_conv", "conv", "dense") else 0
+  macs = _macs(call, params) if call.kind in _QUANTIZED + ("conv", "dense") else 0
+  if call.kind == "binary_conv":
+    (w_bits, w_stored), a_bits = (1.0, 1), 1
+  elif call.kind in _QUANTIZED:
+    w_bits, w_stored = _bits(call.module.kernel_quantizer)
+    a_bits = _bits(call.module.input_quantizer)[1]
+  else:
+    (w_bits, w_stored), a_bits = (32.0, 32), 32
+  kernel = params.get("latent_kernel", params.get("kernel")) if call.kind in _QUANTIZED else None
+  k = int(math.prod(kernel.shape)) if kernel is not None else 0
+  binary = w_stored == 1 and a_bits == 1
+  # Quantized weights with float inputs still multiply-accumulate in float.
+  integer = not binary and w_stored < 32 and a_bits < 32
   return LayerCost(
-      path=call.path, kind=call.kind, weight_bits=1 if binary else 32,
-      activation_bits=1 if binary else 32, params=n, float32_bytes=4 * n,
-      deployed_bytes=n / 8 if binary else 4.0 * n,
-      binary_macs=macs if binary else 0, float_macs=0 if binary else macs)
+      path=call.path, kind=call.kind, weight_bits=int(w_bits) if w_bits == int(w_bits) else w_bits,
+      activation_bits=a_bits, params=n, float32_bytes=4 * n,
+      deployed_bytes=k * w_stored / 8 + 4.0 * (n - k),
+      binary_macs=macs if binary else 0, integer_macs=macs if integer else 0,
+      float_macs=0 if binary or integer else macs)
 
 
 def summarize(model: nn.Module, image_shape: Sequence[int]) -> Summary:
@@ -157,13 +192,16 @@ def _si(x: float) -> str:
 
 def format_layers(summary: Summary) -> str:
   """A markdown table, one row per layer."""
-  rows = ["| layer | kind | W/A bits | params | float32 | deployed | binary MACs | float MACs |",
-          "|---|---|---|---:|---:|---:|---:|---:|"]
+  integer = any(row.integer_macs for row in summary.layers)
+  rows = ["| layer | kind | W/A bits | params | float32 | deployed | binary MACs | "
+          + ("integer MACs | " if integer else "") + "float MACs |",
+          "|---|---|---|---:|---:|---:|---:|" + ("---:|" if integer else "") + "---:|"]
   for row in summary.layers:
+    w_bits = f"{row.weight_bits:.2f}" if isinstance(row.weight_bits, float) else row.weight_bits
     rows.append(
-        f"| {row.path} | {row.kind} | {row.weight_bits}/{row.activation_bits} | {row.params:,} | "
+        f"| {row.path} | {row.kind} | {w_bits}/{row.activation_bits} | {row.params:,} | "
         f"{_si(row.float32_bytes)}B | {_si(row.deployed_bytes)}B | {_si(row.binary_macs)} | "
-        f"{_si(row.float_macs)} |")
+        + (f"{_si(row.integer_macs)} | " if integer else "") + f"{_si(row.float_macs)} |")
   return "\n".join(rows)
 
 
@@ -176,9 +214,10 @@ def format_totals(summary: Summary) -> str:
       f"| parameters | {s.params:,} ({s.binary_params:,} binary) | {s.params:,} | |",
       f"| memory | {_si(s.deployed_bytes)}B | {_si(s.float32_bytes)}B | {s.compression:.1f}x |",
       f"| BOPs (binary MACs) | {_si(s.bops)} | 0 | |",
+  ] + ([f"| integer MACs | {_si(s.integer_macs)} | 0 | |"] if s.integer_macs else []) + [
       f"| FLOPs (float MACs) | {_si(s.flops)} | {_si(s.float_model_flops)} | |",
-      f"| OPs = BOPs/64 + FLOPs | {_si(s.ops)} | {_si(s.float_model_flops)} | "
-      f"{s.float_model_flops / s.ops:.1f}x |",
+      f"| OPs = BOPs/64 + {'integer MACs + ' if s.integer_macs else ''}FLOPs | {_si(s.ops)} | "
+      f"{_si(s.float_model_flops)} | {s.float_model_flops / s.ops:.1f}x |",
   ])
 
 

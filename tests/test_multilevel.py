@@ -1,7 +1,7 @@
 """Ternary, k-bit and int8 quantizers, their levels, packing, flips and SAD's targets.
 
 Every value is checked against a NumPy formula written out here (float64), not
-against the code under test (docs/method.md §9).
+against the code under test (docs/method.md §10).
 """
 
 import jax

@@ -1,5 +1,6 @@
 """The wheel: what it carries, and that an install without a checkout runs the default config."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -63,3 +64,72 @@ def test_installed_package_runs_its_default_config_outside_a_checkout(wheel, tmp
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out
   assert (tmp_path / "wd" / "checkpoints" / "3").is_dir(), out
+
+
+# A user's code outside the checkout: the wheel alone on the path, no TensorFlow imported.
+USER_SCRIPT = '''
+import sys
+import flax.linen as nn
+import jax, jax.numpy as jnp, optax
+from flax import nnx
+import ovsw_jax as ow
+
+x = jax.random.normal(jax.random.key(0), (32, 6, 6, 2))
+y = (x.mean((1, 2, 3)) > 0).astype(jnp.int32)
+
+class Linen(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = ow.QuantConv(8, (3, 3), kernel_quantizer="ternary", name="conv")(x)
+    x = ow.QuantDense(8, kernel_quantizer="uniform4", name="four")(x.mean((1, 2)))
+    x = ow.QuantDense(8, name="sign")(nn.relu(x))
+    return nn.Dense(2, name="head")(x)
+
+class Nnx(nnx.Module):
+  def __init__(self, rngs):
+    self.conv = ow.nnx.QuantConv(2, 8, (3, 3), kernel_quantizer="ternary", rngs=rngs)
+    self.four = ow.nnx.QuantDense(8, 8, kernel_quantizer="uniform4", rngs=rngs)
+    self.sign = ow.nnx.QuantDense(8, 8, rngs=rngs)
+    self.head = nnx.Linear(8, 2, rngs=rngs)
+  def __call__(self, x):
+    return self.head(self.sign(nnx.relu(self.four(self.conv(x).mean((1, 2))))))
+
+def tracked(state):
+  leaves = jax.tree_util.tree_flatten_with_path(optax.tree.get(state, "tracker"))[0]
+  return sorted(ow.naming.path_name(ow.naming.parameter_path(p)) for p, _ in leaves)
+
+for base in (optax.sgd(0.05, momentum=0.9), optax.adam(1e-2)):
+  model = Linen()
+  params = model.init(jax.random.key(1), x)["params"]
+  tx = optax.chain(ow.ovsw(0.04, 9e-4, levels=ow.kernel_quantizers(model, x)), base)
+  state = tx.init(params)
+  loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+      model.apply({"params": p}, x), y).mean()
+  for _ in range(3):
+    grads = jax.grad(loss)(params)
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  print("linen", tracked(state))
+  net = Nnx(nnx.Rngs(1))
+  opt = nnx.Optimizer(net, optax.chain(
+      ow.ovsw(0.04, 9e-4, levels=ow.nnx.kernel_quantizers(net)), base), wrt=nnx.Param)
+  for _ in range(3):
+    grads = nnx.grad(lambda m: optax.softmax_cross_entropy_with_integer_labels(
+        m(x), y).mean())(net)
+    opt.update(net, grads)
+  print("nnx", tracked(opt.opt_state))
+print("tensorflow loaded:", "tensorflow" in sys.modules)
+'''
+
+
+def test_a_users_quantized_models_train_with_ovsw_from_the_wheel_alone(wheel, tmp_path):
+  site = tmp_path / "site"
+  zipfile.ZipFile(wheel).extractall(site)
+  (tmp_path / "user.py").write_text(USER_SCRIPT)
+  env = dict(os.environ, PYTHONPATH=str(site))
+  out = subprocess.run([sys.executable, "user.py"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  kernels = "['conv/latent_kernel', 'four/latent_kernel', 'sign/latent_kernel']"
+  assert out.stdout.splitlines() == [f"linen {kernels}", f"nnx {kernels}"] * 2 + [
+      "tensorflow loaded: False"], out.stdout

@@ -171,3 +171,38 @@ def test_linen_and_nnx_models_train_with_ovsw_on_their_levels(base):
 
   values = [float(nnx_step(net, opt)) for _ in range(30)]
   assert values[-1] < values[0]
+
+
+class CostNet(nn.Module):
+  """One layer of each cost kind: integer, binary, float-input quantized, float."""
+
+  @nn.compact
+  def __call__(self, x, train=True):
+    x = ow.QuantConv(8, (3, 3), padding="VALID", kernel_quantizer="ternary",
+                     input_quantizer="int8", name="ternary_int8")(x)
+    x = ow.QuantConv(8, (3, 3), padding="VALID", use_bias=False, input_quantizer="sign",
+                     name="binary")(x)
+    x = ow.QuantDense(4, kernel_quantizer="uniform4", name="four_bit_float_in")(x.reshape(1, -1))
+    return nn.Dense(2, name="head")(x)
+
+
+def test_the_cost_summary_counts_bits_memory_and_macs_of_quantized_layers():
+  from ovsw_jax import summary
+  s = summary.summarize(CostNet(), (7, 7, 3))
+  rows = {row.path: row for row in s.layers}
+  t, b, f, h = (rows[k] for k in ("ternary_int8", "binary", "four_bit_float_in", "head"))
+  # ternary 3x3x3->8 on 7x7 VALID: 5x5 outputs; 216 weights at 2 bits + 8 biases in float32.
+  assert (t.weight_bits, t.activation_bits) == (pytest.approx(np.log2(3)), 8)
+  assert (t.integer_macs, t.binary_macs, t.float_macs) == (25 * 8 * 27, 0, 0)
+  assert t.deployed_bytes == 216 * 2 / 8 + 8 * 4
+  # binary 3x3x8->8 on 5x5: 3x3 outputs, 576 weights at 1 bit, no bias.
+  assert (b.weight_bits, b.activation_bits, b.deployed_bytes) == (1, 1, 576 / 8)
+  assert (b.binary_macs, b.integer_macs, b.float_macs) == (9 * 8 * 72, 0, 0)
+  # 4-bit kernel on float inputs: compact weights, float MACs.
+  assert (f.weight_bits, f.activation_bits, f.deployed_bytes) == (4, 32, 72 * 4 * 4 / 8 + 16)
+  assert (f.float_macs, f.integer_macs) == (72 * 4, 0)
+  assert h.float_macs == 8 and s.binary_params == 576
+  assert s.ops == b.binary_macs / 64 + t.integer_macs + f.float_macs + h.float_macs
+  table = summary.format_totals(s)
+  assert "| integer MACs | 5.40k | 0 | |" in table and "integer MACs + FLOPs" in table
+  assert "1.58/8" in summary.format_layers(s)

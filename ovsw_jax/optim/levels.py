@@ -1,7 +1,7 @@
 """Which quantizer each latent weight has: how OvSW tells a flip of level from a flip of sign.
 
 SAD's tracker and the flip metrics count a weight as flipped when its
-quantized *level* changes (docs/method.md §9). With 1-bit kernels the level is
+quantized *level* changes (docs/method.md §10). With 1-bit kernels the level is
 the sign, the release's rule and the default. For other kernels the user says
 which quantizer each leaf has, as `levels=`:
 

@@ -95,7 +95,7 @@ def add_sad_penalty(
     toward: where the penalty pulls a silent weight: 'zero' (the release,
       `gamma * w`) or 'boundary' (`gamma * (w - b)`, `b` the nearest
       threshold at which the weight's level changes, e.g. +-0.5 s for
-      ternary; for signs that threshold is 0, so both agree). docs/method.md §9.
+      ternary; for signs that threshold is 0, so both agree). docs/method.md §10.
 
   Returns:
     An `optax.GradientTransformation`.
