@@ -58,9 +58,9 @@ QUANTIZERS = [
     (qz.Ternary(axis=-1), -1, lambda w: ref_uniform(w, 2, "absmean", -1)),
     ("twn", None, lambda w: ref_twn(w, None)[:2]),
     (qz.Ternary(rule="twn", axis=-1), -1, lambda w: ref_twn(w, -1)[:2]),
-] + [(f"uniform{k}", None, lambda w, k=k: ref_uniform(w, k, "absmax", None)) for k in range(2, 9)
+] + [(f"uniform{k}", None, lambda w, k=k: ref_uniform(w, k, "absmax", None)) for k in (2, 3, 8)
      ] + [(f"uniform{k}_absmean", None, lambda w, k=k: ref_uniform(w, k, "absmean", None))
-          for k in (3, 4, 8)] + [
+          for k in (4, 8)] + [
     (qz.Uniform(4, "absmax", axis=-1), -1, lambda w: ref_uniform(w, 4, "absmax", -1)),
     (qz.Uniform(2, "absmean", axis=-1), -1, lambda w: ref_uniform(w, 2, "absmean", -1)),
 ]
@@ -71,12 +71,17 @@ IDS = [str(q) for q, _, _ in QUANTIZERS]
 def test_values_levels_and_straight_through_gradient(spec, axis, ref):
   q = qz.get(spec)
   levels, scale = ref(W)
-  got_levels = np.asarray(jax.jit(q.levels)(W))
-  assert got_levels.dtype == np.int8
+
+  @jax.jit  # one program per quantizer (eager dispatch compiles every op on its own)
+  def run(w, cot):
+    value, pull = jax.vjp(q, w)
+    return q.levels(w), value, pull(cot)[0]
+
+  got_levels, value, grad = run(jnp.asarray(W), jnp.asarray(COT))
+  assert got_levels.dtype == jnp.int8
   np.testing.assert_array_equal(got_levels, levels)
-  value, pull = jax.vjp(q, jnp.asarray(W))
   np.testing.assert_allclose(np.asarray(value), levels * scale, rtol=1e-6, atol=1e-7)
-  np.testing.assert_array_equal(np.asarray(pull(jnp.asarray(COT))[0]), COT)  # identity
+  np.testing.assert_array_equal(np.asarray(grad), COT)  # identity
   assert value.dtype == jnp.float32
   if axis is not None:  # per channel: each output channel has its own scale
     assert len(np.unique(np.round(scale.ravel(), 6))) == W.shape[axis]
@@ -100,8 +105,9 @@ def test_int8_per_token_matches_bitnet():
 
 
 def test_an_all_zero_kernel_gets_level_zero_not_nan():
-  for name in ("ternary", "twn", "uniform4", "uniform3_absmean"):
-    value = qz.get(name)(jnp.zeros((4, 3)))
+  names = ("ternary", "twn", "uniform4", "uniform3_absmean")
+  values = jax.jit(lambda w: [qz.get(name)(w) for name in names])(jnp.zeros((4, 3)))
+  for name, value in zip(names, values):
     assert np.all(np.asarray(value) == 0), name
 
 
@@ -118,15 +124,21 @@ def test_unknown_names_are_refused_with_the_choices(bad):
 # --- packing and level changes ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("planes", range(2, 9))
+@pytest.mark.parametrize("planes", [2, 3, 8])
 def test_levels_pack_and_unpack_exactly_and_changes_are_found_packed(planes):
   q = 2 ** (planes - 1) - 1
   a = RNG.integers(-q, q + 1, size=203)
   b = np.where(RNG.random(203) < 0.3, RNG.integers(-q, q + 1, size=203), a)
-  pa, pb = bitpack.pack_levels(jnp.asarray(a), planes), bitpack.pack_levels(jnp.asarray(b), planes)
+
+  @jax.jit
+  def run(a, b):
+    pa, pb = bitpack.pack_levels(a, planes), bitpack.pack_levels(b, planes)
+    return pa, bitpack.unpack_levels(pa, (203,)), bitpack.unpack_bits(
+        bitpack.changed_bits(pa, pb), (203,))
+
+  pa, unpacked, changed = run(jnp.asarray(a), jnp.asarray(b))
   assert pa.shape == (planes, 26) and pa.dtype == jnp.uint8
-  np.testing.assert_array_equal(bitpack.unpack_levels(pa, (203,)), a)
-  changed = bitpack.unpack_bits(bitpack.changed_bits(pa, pb), (203,))
+  np.testing.assert_array_equal(unpacked, a)
   np.testing.assert_array_equal(changed, a != b)
 
 
@@ -162,10 +174,11 @@ def test_sign_levels_given_explicitly_change_nothing():
   default = ow.add_sad_penalty(0.1)
   explicit = ow.add_sad_penalty(0.1, levels={"k": "sign"}, toward="boundary")
   sd, se = default.init(params), explicit.init(params)
+  step_d, step_e = jax.jit(default.update), jax.jit(explicit.update)
   for i in range(3):
     p = {"k": params["k"] - 0.3 * i * grads["k"]}
-    ud, sd = default.update(grads, sd, p)
-    ue, se = explicit.update(grads, se, p)
+    ud, sd = step_d(grads, sd, p)
+    ue, se = step_e(grads, se, p)
     np.testing.assert_array_equal(ud["k"], ue["k"])
   jax.tree.map(np.testing.assert_array_equal, sd, se)
 
