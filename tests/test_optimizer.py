@@ -1,11 +1,13 @@
 """The optimizer built from a config: what each part acts on (docs/method.md §4)."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+import ovsw_jax as ow
 from configs import common
 from ovsw_jax import models
 from ovsw_jax.optim import binary_weight_mask
@@ -96,3 +98,34 @@ def test_cli_reports_a_nan_delta_without_a_traceback(tmp_path):
   assert proc.returncode != 0, out
   assert "config.ovsw.delta is invalid" in out and "delta=nan is not a finite number" in out
   assert "Traceback" not in out
+
+
+class _QuantNet(nn.Module):
+  """A model whose kernels are not all signs: the trainer must track their levels."""
+
+  @nn.compact
+  def __call__(self, x, train=True):
+    x = ow.QuantDense(8, kernel_quantizer="uniform4", name="four")(x.reshape(x.shape[0], -1))
+    return ow.QuantDense(10, name="sign")(x)
+
+
+def test_the_trainer_gives_sad_each_kernels_levels_and_signs_stay_the_default():
+  from ovsw_jax.trainer import train  # pylint: disable=g-import-not-at-top
+  x = jnp.zeros((1, 8, 8, 3))
+  assert train.model_levels(models.get_model("tiny", num_classes=10), x) is None  # all signs
+  model = _QuantNet()
+  levels = train.model_levels(model, x)
+  assert levels == {"four/latent_kernel": ow.quantizers.Uniform(4),
+                    "sign/latent_kernel": ow.quantizers.Sign()}
+  c = common.base_config()
+  tx = create_optimizer(c, optax.constant_schedule(0.1), levels=levels)
+  state = jax.jit(lambda key: train.create_train_state(key, model, tx, x, levels))(
+      jax.random.key(0))  # one compilation (the trainer's own is eager, for its rounding)
+  prev = flat(optax.tree.get(state.opt_state, "prev_signs"))
+  assert {k: v.shape[0] for k, v in prev.items()} == {
+      "['four']['latent_kernel']": 4, "['sign']['latent_kernel']": 2}
+  assert {k: v.shape[0] for k, v in flat(state.flips.init_signs).items()} == {
+      "['four']['latent_kernel']": 4, "['sign']['latent_kernel']": 2}
+  c.ovsw.toward = "middle"
+  with pytest.raises(ValueError, match=r"config\.ovsw\.toward is invalid.*toward='middle'"):
+    create_optimizer(c, optax.constant_schedule(0.1), levels=levels)
