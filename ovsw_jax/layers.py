@@ -204,6 +204,15 @@ def kernel_param_name(kernel_quantizer) -> str:
   return "kernel" if quantizers.get(kernel_quantizer) is None else LATENT_KERNEL
 
 
+def _kernel_and_bias(layer: nn.Module, x: jax.Array, shape: tuple[int, ...]):
+  """A linen quantized layer's kernel (`kernel_param_name`) and bias, promoted with `x`."""
+  kernel = layer.param(kernel_param_name(layer.kernel_quantizer), layer.kernel_init, shape,
+                       layer.param_dtype)
+  bias = (layer.param("bias", layer.bias_init, (layer.features,), layer.param_dtype)
+          if layer.use_bias else None)
+  return nn.dtypes.promote_dtype(x, kernel, bias, dtype=layer.dtype)
+
+
 class QuantDense(nn.Module):
   """`nn.Dense` with a quantized kernel and, optionally, quantized inputs (larq's `QuantDense`).
 
@@ -232,11 +241,7 @@ class QuantDense(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param(kernel_param_name(self.kernel_quantizer), self.kernel_init,
-                        (x.shape[-1], self.features), self.param_dtype)
-    bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias else None)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    x, kernel, bias = _kernel_and_bias(self, x, (x.shape[-1], self.features))
     return quant_dense(x, kernel, bias, kernel_quantizer=self.kernel_quantizer,
                        input_quantizer=self.input_quantizer, precision=self.precision)
 
@@ -275,11 +280,7 @@ class QuantConv(nn.Module):
       raise ValueError(f"QuantConv: {x.shape[-1]} input channels are not divisible by "
                        f"feature_group_count={groups}.")
     shape = tuple(self.kernel_size) + (x.shape[-1] // groups, self.features)
-    kernel = self.param(kernel_param_name(self.kernel_quantizer), self.kernel_init, shape,
-                        self.param_dtype)
-    bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias else None)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    x, kernel, bias = _kernel_and_bias(self, x, shape)
     return quant_conv(x, kernel, bias, strides=self.strides, padding=self.padding,
                       input_dilation=self.input_dilation, kernel_dilation=self.kernel_dilation,
                       feature_group_count=groups, kernel_quantizer=self.kernel_quantizer,

@@ -45,8 +45,6 @@ def _masked_map(fn, mask, *trees):
 
 def _pack_all(params: Any, mask: Any, levels: Any) -> Any:
   """Each masked leaf's levels, packed (`pack_signs` for signs, the default); None elsewhere."""
-  if levels is None:
-    return _masked_map(bitpack.pack_signs, mask, params)
   qs = levels_lib.resolve(levels, _masked_map(lambda p: p, mask, params))  # masked leaves only
   return _masked_map(lambda p, q: q.pack(p), mask, params, qs)
 

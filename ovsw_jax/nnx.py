@@ -147,10 +147,8 @@ class QuantDense(nnx.Module):
     self.kernel_quantizer = quantizers.get(kernel_quantizer)
     self.input_quantizer = quantizers.get(input_quantizer)
     self.dtype, self.precision = dtype, precision
-    kernel = kernel_init(rngs.params(), (self.in_features, self.out_features), param_dtype)
-    _set_kernel(self, kernel)
-    self.bias = (nnx.Param(bias_init(rngs.params(), (self.out_features,), param_dtype))
-                 if use_bias else None)
+    _init_params(self, (self.in_features, self.out_features), kernel_init, bias_init,
+                 use_bias, param_dtype, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x, kernel, bias = _promote(self, x)
@@ -189,9 +187,7 @@ class QuantConv(nnx.Module):
     self.input_quantizer = quantizers.get(input_quantizer)
     self.dtype, self.precision = dtype, precision
     shape = kernel_size + (self.in_features // feature_group_count, self.out_features)
-    _set_kernel(self, kernel_init(rngs.params(), shape, param_dtype))
-    self.bias = (nnx.Param(bias_init(rngs.params(), (self.out_features,), param_dtype))
-                 if use_bias else None)
+    _init_params(self, shape, kernel_init, bias_init, use_bias, param_dtype, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x, kernel, bias = _promote(self, x)
@@ -202,11 +198,15 @@ class QuantConv(nnx.Module):
                       input_quantizer=self.input_quantizer, precision=self.precision)
 
 
-def _set_kernel(layer, kernel: jax.Array) -> None:
+def _init_params(layer, shape, kernel_init, bias_init, use_bias, param_dtype, rngs) -> None:
+  """The kernel (`latent_kernel`, or `kernel` when not quantized) and the bias of a layer."""
+  kernel = kernel_init(rngs.params(), shape, param_dtype)
   if layer.kernel_quantizer is None:
     layer.kernel = nnx.Param(kernel)
   else:
     layer.latent_kernel = LatentKernel(kernel)
+  layer.bias = (nnx.Param(bias_init(rngs.params(), (layer.out_features,), param_dtype))
+                if use_bias else None)
 
 
 def _promote(layer, x):

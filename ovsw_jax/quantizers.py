@@ -243,11 +243,20 @@ def int8_per_token(x: jax.Array) -> jax.Array:
   >>> int8_per_token(jnp.array([[127.0, -63.5, 0.4]])).tolist()  # s = 1; -63.5 to even
   [[127.0, -64.0, 0.0]]
   """
-  def fn(v):
-    v32 = v.astype(jnp.float32)
-    s = jnp.maximum(jnp.max(jnp.abs(v32), axis=-1, keepdims=True), SCALE_EPS) / 127.0
-    return (jnp.clip(jnp.round(v32 / s), -128, 127) * s).astype(v.dtype)
-  return straight_through(fn, x)
+  return straight_through(
+      lambda v: (int8_levels(v).astype(jnp.float32) * int8_scale(v)).astype(v.dtype), x)
+
+
+def int8_scale(x: jax.Array) -> jax.Array:
+  """`max(max|x|, 1e-5) / 127` per row of the last axis (float32, keepdims, no gradient)."""
+  x32 = jax.lax.stop_gradient(x).astype(jnp.float32)
+  return jnp.maximum(jnp.max(jnp.abs(x32), axis=-1, keepdims=True), SCALE_EPS) / 127.0
+
+
+def int8_levels(x: jax.Array) -> jax.Array:
+  """`clip(round(x / s), -128, 127)` as int8, `s = int8_scale(x)`."""
+  x32 = jax.lax.stop_gradient(x).astype(jnp.float32)
+  return jnp.clip(jnp.round(x32 / int8_scale(x)), -128, 127).astype(jnp.int8)
 
 
 # --- quantizers as objects: what a layer computes and what OvSW tracks ----------------------
@@ -332,16 +341,28 @@ class ApproxSign(Sign):
     return approx_sign(x)
 
 
-def _grid_cells(levels: jax.Array, q: int, s: jax.Array):
-  """Cells of the grid `{-q..q} * s` with rounding at the midpoints, ends open."""
+def _grid_cells(levels: jax.Array, lowest: int, highest: int, s: jax.Array):
+  """Cells of the grid `{lowest..highest} * s` with rounding at the midpoints, ends open."""
   lv = levels.astype(jnp.float32)
-  low = jnp.where(levels > -q, (lv - 0.5) * s, -jnp.inf)
-  high = jnp.where(levels < q, (lv + 0.5) * s, jnp.inf)
+  low = jnp.where(levels > lowest, (lv - 0.5) * s, -jnp.inf)
+  high = jnp.where(levels < highest, (lv + 0.5) * s, jnp.inf)
   return low, high
 
 
 @dataclasses.dataclass(frozen=True)
-class Ternary(Quantizer):
+class _Scaled(Quantizer):
+  """A quantizer whose value is `levels(x) * scale(x)`, straight through."""
+
+  def scale(self, x: jax.Array) -> jax.Array:
+    raise NotImplementedError
+
+  def __call__(self, x):
+    return straight_through(
+        lambda v: (self.levels(v).astype(jnp.float32) * self.scale(v)).astype(v.dtype), x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ternary(_Scaled):
   """Ternary weights `{-1, 0, +1} * s`, straight through (docs/method.md §10).
 
   rule='absmean' (BitNet b1.58, Ma et al., 2024): `s = mean|w|`,
@@ -373,17 +394,13 @@ class Ternary(Quantizer):
       return twn_levels(x, self.axis)
     return uniform_levels(x, 2, "absmean", self.axis)
 
-  def __call__(self, x):
-    return straight_through(
-        lambda v: (self.levels(v).astype(jnp.float32) * self.scale(v)).astype(v.dtype), x)
-
   def pack(self, x):
     return bitpack.pack_signs(self.levels(x))  # levels -1, 0, +1: the sign planes
 
   def cells(self, x):
     lv = self.levels(x)
     if self.rule == "absmean":
-      return _grid_cells(lv, 1, self.scale(x))
+      return _grid_cells(lv, -1, 1, self.scale(x))
     t = twn_threshold(x, self.axis)  # level 0 on [-t, t], +-1 beyond
     low = jnp.where(lv == 1, t, jnp.where(lv == 0, -t, -jnp.inf))
     high = jnp.where(lv == -1, -t, jnp.where(lv == 0, t, jnp.inf))
@@ -391,7 +408,7 @@ class Ternary(Quantizer):
 
 
 @dataclasses.dataclass(frozen=True)
-class Uniform(Quantizer):
+class Uniform(_Scaled):
   """k-bit symmetric uniform weights `{-q..q} * s`, `q = 2**(k-1) - 1`, straight through.
 
   `scale`: 'absmax' (`s = max|w| / q`) or 'absmean' (`uniform_scale`);
@@ -421,37 +438,24 @@ class Uniform(Quantizer):
   def levels(self, x):
     return uniform_levels(x, self.bits, self.scale_rule, self.axis)
 
-  def __call__(self, x):
-    return straight_through(
-        lambda v: (self.levels(v).astype(jnp.float32) * self.scale(v)).astype(v.dtype), x)
-
   def cells(self, x):
-    return _grid_cells(self.levels(x), self.q, self.scale(x))
+    return _grid_cells(self.levels(x), -self.q, self.q, self.scale(x))
 
 
 @dataclasses.dataclass(frozen=True)
-class Int8PerToken(Quantizer):
+class Int8PerToken(_Scaled):
   """`int8_per_token`: BitNet's activation quantizer (levels -128..127 per row)."""
   bits: ClassVar[int] = 8
   planes: ClassVar[int] = 8
 
-  def __call__(self, x):
-    return int8_per_token(x)
-
-  def _scale(self, x):
-    x32 = jax.lax.stop_gradient(x).astype(jnp.float32)
-    return jnp.maximum(jnp.max(jnp.abs(x32), axis=-1, keepdims=True), SCALE_EPS) / 127.0
+  def scale(self, x):
+    return int8_scale(x)
 
   def levels(self, x):
-    x32 = jax.lax.stop_gradient(x).astype(jnp.float32)
-    return jnp.clip(jnp.round(x32 / self._scale(x)), -128, 127).astype(jnp.int8)
+    return int8_levels(x)
 
   def cells(self, x):
-    lv = self.levels(x)
-    s = self._scale(x)
-    low = jnp.where(lv > -128, (lv.astype(jnp.float32) - 0.5) * s, -jnp.inf)
-    high = jnp.where(lv < 127, (lv.astype(jnp.float32) + 0.5) * s, jnp.inf)
-    return low, high
+    return _grid_cells(self.levels(x), -128, 127, self.scale(x))
 
 
 SIGN = Sign()

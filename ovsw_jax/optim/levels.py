@@ -27,7 +27,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from ovsw_jax import bitpack, quantizers
+from ovsw_jax import quantizers
 from ovsw_jax.naming import parameter_path, path_name
 
 
@@ -42,10 +42,7 @@ class LevelFunction(quantizers.Quantizer):
   planes = 8
 
   def levels(self, x):
-    return self.fn(x)
-
-  def pack(self, x):
-    return bitpack.pack_levels(jnp.asarray(self.fn(x)), 8)
+    return jnp.asarray(self.fn(x))
 
   def cells(self, x):
     raise ValueError(

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ovsw_jax import bitpack, quantizers
+from ovsw_jax import bitpack
 from ovsw_jax.optim import _common
 from ovsw_jax.optim import levels as levels_lib
 
@@ -135,9 +135,8 @@ def add_sad_penalty(
     return AddSadPenaltyState(
         count=jnp.zeros([], jnp.int32),
         tracker=jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
-        prev_signs=(jax.tree.map(bitpack.pack_signs, params) if levels is None else
-                    jax.tree.map(lambda q, p: q.pack(p),
-                                 levels_lib.resolve(levels, params), params)),
+        prev_signs=jax.tree.map(lambda q, p: q.pack(p),  # signs: `bitpack.pack_signs`
+                                levels_lib.resolve(levels, params), params),
         silent_fraction=jax.tree.map(lambda _: jnp.zeros([], jnp.float32), params))
 
   def update_fn(updates, state, params=None):
@@ -158,7 +157,7 @@ def add_sad_penalty(
       s = m * s + one_minus_m * flipped
       silent = s < sigma
       pull = w.astype(jnp.float32)
-      if toward == "boundary" and not isinstance(q, quantizers.Sign):  # a sign's boundary is 0
+      if toward == "boundary":  # a sign's boundary is 0: the release's pull, bit for bit
         pull = pull - q.boundary(w)
       penalty = jnp.where(silent, gamma * pull, 0.0)
       g = (g.astype(jnp.float32) + penalty).astype(g.dtype)
