@@ -33,10 +33,15 @@ class FlipState(NamedTuple):
     interval_signs: signs at the start of the current interval.
     ever_flipped: True where the sign has differed from its initial sign at
       the end of any step so far (`bitpack.pack_bits`).
+    last_change: the direction (-1, +1; 0 before any change) of each weight's
+      last level change, `bitpack.pack_signs`-packed; None (the default) when
+      oscillations are not tracked (`init_flip_state(oscillation=True)`,
+      `oscillation_step`).
   """
   init_signs: Any
   interval_signs: Any
   ever_flipped: Any
+  last_change: Any = None
 
 
 def _masked_map(fn, mask, *trees):
@@ -49,13 +54,53 @@ def _pack_all(params: Any, mask: Any, levels: Any) -> Any:
   return _masked_map(lambda p, q: q.pack(p), mask, params, qs)
 
 
-def init_flip_state(params: Any, mask: Any, levels: Any = None) -> FlipState:
-  """Starts the sign (level) history at `params`."""
+def init_flip_state(params: Any, mask: Any, levels: Any = None,
+                    oscillation: bool = False) -> FlipState:
+  """Starts the sign (level) history at `params`; `oscillation`: track reversals too."""
   never = _masked_map(lambda p: bitpack.pack_bits(jnp.zeros(p.shape, bool)), mask, params)
-  # Two separate packings, not one array twice: the train step donates its state.
+  # Separate packings, not one array twice: the train step donates its state.
+  last = (_masked_map(lambda p: bitpack.pack_signs(jnp.zeros(p.shape, jnp.int8)), mask, params)
+          if oscillation else None)
   return FlipState(init_signs=_pack_all(params, mask, levels),
                    interval_signs=_pack_all(params, mask, levels),
-                   ever_flipped=never)
+                   ever_flipped=never, last_change=last)
+
+
+def _levels_all(params: Any, mask: Any, levels: Any) -> Any:
+  qs = levels_lib.resolve(levels, _masked_map(lambda p: p, mask, params))
+  return _masked_map(lambda p, q: q.levels(p), mask, params, qs)
+
+
+def oscillation_step(flips: FlipState, old_params: Any, new_params: Any, mask: Any,
+                     levels: Any = None) -> tuple[FlipState, jax.Array]:
+  """Records one step's level changes; returns the fraction of weights that oscillated.
+
+  A weight oscillates at a step when its level changes in the direction
+  opposite to its previous change (Nagel et al., 2022, "Overcoming
+  oscillations in quantization-aware training", §3): for a binary weight
+  every sign change after its first; for a ternary one 0 -> +1 -> 0, but not
+  -1 -> 0 -> +1. The mean of the returned fraction over steps is their
+  oscillation frequency averaged over the weights. Needs
+  `init_flip_state(..., oscillation=True)`.
+  """
+  if flips.last_change is None:
+    raise ValueError("oscillation_step needs a FlipState made with "
+                     "init_flip_state(..., oscillation=True).")
+  old_levels = _levels_all(old_params, mask, levels)
+  new_levels = _levels_all(new_params, mask, levels)
+  count, total = 0, 0
+  last = {}
+  for i, (_, p, packed, a, b) in enumerate(
+      _layers(mask, new_params, flips.last_change, old_levels, new_levels)):
+    direction = jnp.sign(b.astype(jnp.int32) - a.astype(jnp.int32)).astype(jnp.int8)
+    previous = bitpack.unpack_signs(packed, p.shape)
+    count += jnp.sum((direction != 0) & (direction == -previous)).astype(jnp.int32)
+    total += p.size
+    last[i] = bitpack.pack_signs(jnp.where(direction != 0, direction, previous))
+  leaves, treedef = jax.tree.flatten(flips.last_change, is_leaf=lambda x: x is None)
+  it = iter(last.values())
+  new_last = jax.tree.unflatten(treedef, [None if x is None else next(it) for x in leaves])
+  return flips._replace(last_change=new_last), count / max(total, 1)
 
 
 def update_flip_state(flips: FlipState, params: Any, mask: Any, levels: Any = None) -> FlipState:

@@ -116,6 +116,7 @@ _RULES = (
     ("num_workers", None, lambda v: v is None or (_is_int(v) and v >= 1),
      "None (automatic) or a positive number of threads", "4"),
     ("image_size", 224, _int_at_least(1), "a positive number of pixels", "224"),
+    ("track_oscillation", False, lambda v: isinstance(v, bool), "True or False", "True"),
     ("matmul_precision", "highest", lambda v: v in MATMUL_PRECISIONS,
      f"one of {', '.join(map(repr, MATMUL_PRECISIONS))}", "highest"),
 )

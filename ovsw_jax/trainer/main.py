@@ -128,10 +128,12 @@ def _start_processes(config) -> None:
       heartbeat_timeout_s=FLAGS.heartbeat_timeout_s, join_timeout_s=FLAGS.join_timeout_s,
       auto=bool(config.distributed_init))
   multihost.log_layout()
-  # Before anything is built or written: every process runs process 0's config.
+  # Before anything is built or written: every process runs process 0's config
+  # on the same data (the task's data record: the language model's corpus).
   import ovsw_jax  # pylint: disable=g-import-not-at-top
-  from ovsw_jax.trainer import workdir  # pylint: disable=g-import-not-at-top
-  multihost.check_agreement(workdir.config_record(config), ovsw_jax.__version__,
+  from ovsw_jax.trainer import tasks, workdir  # pylint: disable=g-import-not-at-top
+  data = tasks.create(config).data_record()
+  multihost.check_agreement(workdir.config_record(config, data), ovsw_jax.__version__,
                             timeout_s=FLAGS.join_timeout_s)
 
 

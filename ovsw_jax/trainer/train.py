@@ -54,15 +54,21 @@ class TrainState:
   rng: jax.Array
 
 
-def train_metric_names(task: tasks.Task) -> tuple[str, ...]:
-  """The per-step metrics averaged between two train-log writes (`train_<name>`)."""
-  return ("loss", *task.metric_names, "step_flip_ratio")
+def train_metric_names(task: tasks.Task, oscillation: bool = False) -> tuple[str, ...]:
+  """The per-step metrics averaged between two train-log writes (`train_<name>`).
+
+  `oscillation`: the run tracks oscillations (`config.track_oscillation`).
+  """
+  return ("loss", *task.metric_names, "step_flip_ratio",
+          *(("step_oscillation_ratio",) if oscillation else ()))
 
 
-def train_metrics_collection(task: tasks.Task) -> type[clu_metrics.Collection]:
+def train_metrics_collection(task: tasks.Task,
+                             oscillation: bool = False) -> type[clu_metrics.Collection]:
   """A clu `Collection` averaging `train_metric_names(task)` over the steps it is fed."""
   return clu_metrics.Collection.create(
-      **{name: clu_metrics.Average.from_output(name) for name in train_metric_names(task)})
+      **{name: clu_metrics.Average.from_output(name)
+         for name in train_metric_names(task, oscillation)})
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -84,11 +90,13 @@ def model_levels(model: nn.Module, inputs: Any) -> dict[str, Any] | None:
 
 
 def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation,
-                       inputs: jax.Array, levels: Any = None) -> TrainState:
+                       inputs: jax.Array, levels: Any = None,
+                       oscillation: bool = False) -> TrainState:
   """Initialises params, batch stats, optimizer and flip history (pure).
 
   `inputs` is one batch as the model takes it (`Task.init_inputs`); `levels`
-  the kernels' quantizers (`model_levels`; None: signs).
+  the kernels' quantizers (`model_levels`; None: signs); `oscillation`: the
+  flip history tracks level reversals too (`metrics.oscillation_step`).
   """
   init_rng, state_rng = jax.random.split(rng)
   variables = model.init(init_rng, inputs, train=False)
@@ -99,7 +107,7 @@ def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTrans
       params=params,
       batch_stats=variables.get("batch_stats", {}),
       opt_state=tx.init(params),
-      flips=metrics.init_flip_state(params, mask, levels),
+      flips=metrics.init_flip_state(params, mask, levels, oscillation),
       rng=jax.random.key_data(state_rng))
 
 
@@ -113,8 +121,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, task: tasks.Ta
   differentiated (`tasks.Task`); BatchNorm statistics are averaged by the
   model itself (its `bn_axis_name`). Returns the new state and this step's
   metrics (means over the global batch): the loss, the task's metrics, the
-  fraction of binary weights that flipped (changed level, with `levels`), and
-  OvSW's measurements read from the optimizer state.
+  fraction of binary weights that flipped (changed level, with `levels`), the
+  fraction that oscillated (where the flip history tracks it), and OvSW's
+  measurements read from the optimizer state.
   """
   def loss_fn(params):
     outputs, new_vars = model.apply(
@@ -134,6 +143,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, task: tasks.Ta
       **task.train_metrics(outputs, batch),
       "step_flip_ratio": metrics.step_flip_fraction(state.params, params, mask, levels),
   }
+  flips = state.flips
+  if flips.last_change is not None:
+    flips, step_metrics["step_oscillation_ratio"] = metrics.oscillation_step(
+        flips, state.params, params, mask, levels)
   if axis_name is not None:
     step_metrics = jax.lax.pmean(step_metrics, axis_name)
   step_metrics["learning_rate"] = learning_rate_fn(state.step)
@@ -142,7 +155,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, task: tasks.Ta
       step_metrics[key] = value
   new_state = state.replace(
       step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
-      flips=metrics.update_flip_state(state.flips, params, mask, levels))
+      flips=metrics.update_flip_state(flips, params, mask, levels))
   return new_state, step_metrics
 
 
@@ -161,7 +174,8 @@ def evaluate(p_eval_step: Callable, state: TrainState, task: tasks.Task,
   """One exact pass over the task's evaluation split (no example dropped or counted twice).
 
   `p_eval_step` is `eval_step` compiled by `scheme`, `state` replicated by it.
-  Returns `eval_<name>`: each sum over the count, and `eval_count`. `stop`
+  Returns `eval_<name>`: each sum over the count (or its own,
+  `task.eval_denominators`), and `eval_count` (and those counts). `stop`
   (`Preemption.should_stop`) is asked before every batch; when it says stop,
   the pass ends there and None is returned instead of partial figures.
   """
@@ -174,10 +188,12 @@ def evaluate(p_eval_step: Callable, state: TrainState, task: tasks.Task,
     sums = scheme.unreplicate(p_eval_step(state, scheme.shard(batch)))
     sums = jax.tree.map(np.asarray, sums)
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-  count = max(float(totals["count"]), 1.0)
-  names = ["loss"] + [k for k in totals if k not in ("loss", "count")]
-  return {**{f"eval_{k}": float(totals[k]) / count for k in names},
-          "eval_count": float(totals["count"])}
+  denominators = {"loss": "count", **task.eval_denominators}
+  counts = {"count", *denominators.values()}
+  names = ["loss"] + [k for k in totals if k != "loss" and k not in counts]
+  return {**{f"eval_{k}": float(totals[k]) / max(float(totals[denominators.get(k, "count")]),
+                                                 1.0) for k in names},
+          **{f"eval_{k}": float(totals[k]) for k in sorted(counts)}}
 
 
 def instruments(state: TrainState, levels: Any = None) -> dict[str, float]:
@@ -216,19 +232,21 @@ class Setup(NamedTuple):
   levels: Any = None  # the kernels' quantizers (`model_levels`); None: all signs
 
 
-def setup(config: ml_collections.ConfigDict) -> Setup:
+def setup(config: ml_collections.ConfigDict, task: tasks.Task | None = None) -> Setup:
   """The task, schedule, model, optimizer and initial state of `config`'s run.
 
   Tools that rebuild a run (the reproduction study's weight snapshots) call this
-  too, so their initial state is the one training started from.
+  too, so their initial state is the one training started from. `task`: the
+  config's task, where the caller built it already.
   """
-  task = tasks.create(config)
+  task = task if task is not None else tasks.create(config)
   steps_per_epoch = max(task.num_train // config.batch_size, 1)
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
   model = task.create_model(AXIS)
   levels = model_levels(model, task.init_inputs())
   tx = create_optimizer(config, learning_rate_fn, levels=levels)
-  state = create_train_state(jax.random.key(config.seed), model, tx, task.init_inputs(), levels)
+  state = create_train_state(jax.random.key(config.seed), model, tx, task.init_inputs(), levels,
+                             oscillation=bool(config.get("track_oscillation", False)))
   return Setup(task, steps_per_epoch, learning_rate_fn, model, tx, state, levels)
 
 
@@ -355,11 +373,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, donate: bool,
   # a mismatch stops at once (building the model and state took 15 s here).
   manager = checkpointing.create_manager(f"{workdir}/checkpoints",
                                          max_to_keep=config.keep_checkpoints)
+  task = tasks.create(config)
+  data = task.data_record()
   workdir_lib.check_config(workdir, config, has_checkpoint=bool(manager.all_steps()),
                            allow_change=allow_config_change, write=jax.process_index() == 0,
-                           checkpoint_config=lambda: checkpointing.saved_config(manager))
-  record = workdir_lib.config_record(config)  # saved in every checkpoint
-  run = setup(config)
+                           checkpoint_config=lambda: checkpointing.saved_config(manager),
+                           data=data)
+  record = workdir_lib.config_record(config, data)  # saved in every checkpoint
+  run = setup(config, task)
   num_steps = _num_steps(config, run.steps_per_epoch)
   state = checkpointing.restore_latest(manager, run.initial_state)
   if state is not None:
@@ -400,8 +421,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, donate: bool,
   train_iter = run.task.train_batches(
       global_batch_size=config.batch_size, start_step=start_step, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
-  train_metrics_type = train_metrics_collection(run.task)
-  metric_names = train_metric_names(run.task)
+  oscillation = run.initial_state.flips.last_change is not None
+  train_metrics_type = train_metrics_collection(run.task, oscillation)
+  metric_names = train_metric_names(run.task, oscillation)
   hooks = []
   if jax.process_index() == 0:
     hooks.append(periodic_actions.ReportProgress(num_train_steps=num_steps,

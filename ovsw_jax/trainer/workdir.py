@@ -48,11 +48,13 @@ RENEW_FRACTION = 0.25
 
 # Fields a restart may change: they do not alter the checkpointed state's
 # structure or meaning (lowering the learning rate is the usual fix after a
-# non-finite stop). A field matches itself and everything under it.
+# non-finite stop). A field matches itself and everything under it. Where the
+# data live (`data_dir`, `corpus_dir`) may change; what they are may not (tfds
+# names its version, a task's data record its content: the 'data' key).
 CHANGEABLE = (
     "learning_rate", "lr_schedule", "warmup_epochs", "num_epochs", "num_train_steps",
     "log_every_steps", "eval_every_epochs", "checkpoint_every_steps", "keep_checkpoints",
-    "eval_batch_size", "data_dir", "distributed_init", "num_workers", "prefetch",
+    "eval_batch_size", "data_dir", "corpus_dir", "distributed_init", "num_workers", "prefetch",
     "parallelism",
     # Like `parallelism`, the matmul precision changes the rounding of the steps
     # after the restart, not what the checkpointed state is (moving a run to
@@ -65,7 +67,7 @@ CHANGEABLE = (
 _ABSENT = "<absent>"
 # Dicts whose keys the user chooses (model settings): a key missing from the
 # record there is a change, never a field declared since the record was written.
-FREE_FORM = ("model_kwargs.",)
+FREE_FORM = ("model_kwargs.", "data.")
 
 
 class ConfigMismatchError(ValueError):
@@ -111,9 +113,18 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
   return {prefix[:-1]: tree}
 
 
-def config_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The config as plain JSON values (tuples become lists, as they do on disk)."""
-  return json.loads(config.to_json_best_effort(sort_keys=True))
+def config_record(config: ml_collections.ConfigDict,
+                  data: dict[str, Any] | None = None) -> dict[str, Any]:
+  """The config as plain JSON values (tuples become lists, as they do on disk).
+
+  `data`: what the task records of its data (`Task.data_record`, e.g. the
+  language model's corpus digest and Python version), kept under 'data' and
+  compared on resume like the config's fields.
+  """
+  record = json.loads(config.to_json_best_effort(sort_keys=True))
+  if data is not None:
+    record["data"] = json.loads(json.dumps(data, sort_keys=True))
+  return record
 
 
 def _changeable(key: str) -> bool:
@@ -154,10 +165,16 @@ def _compare(workdir: str, recorded: dict[str, Any], current: dict[str, Any], *,
   blocking = {k: v for k, v in changes.items() if not _changeable(k) and k not in added}
   if blocking and not allow_change:
     listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in blocking.items())
+    data = ""
+    if any(k.startswith("data.") for k in blocking):
+      data = (" The data.* fields describe the data the run read (its task's data record): "
+              "this process reads other data (for the language model: another Python "
+              "version's standard library), so continue the run with the interpreter "
+              "recorded in data.python_version.")
     raise ConfigMismatchError(
         f"The workdir {workdir} holds a run trained with another config, and these "
         f"fields change what its checkpoints are or mean: {listed}. Nothing was trained "
-        "or deleted. Either use a new --workdir for this config, or start with the "
+        f"or deleted.{data} Either use a new --workdir for this config, or start with the "
         f"recorded config ({source}), or pass --allow_config_change to continue this run "
         "with the new values anyway.")
   if changes:
@@ -167,7 +184,8 @@ def _compare(workdir: str, recorded: dict[str, Any], current: dict[str, Any], *,
 
 def check_config(workdir: str, config: ml_collections.ConfigDict, *, has_checkpoint: bool,
                  allow_change: bool = False, write: bool = True,
-                 checkpoint_config: Callable[[], dict[str, Any] | None] | None = None) -> None:
+                 checkpoint_config: Callable[[], dict[str, Any] | None] | None = None,
+                 data: dict[str, Any] | None = None) -> None:
   """Compares `config` with the workdir's record, then records it.
 
   Raises `ConfigMismatchError` when a checkpoint exists and a field outside
@@ -179,9 +197,10 @@ def check_config(workdir: str, config: ml_collections.ConfigDict, *, has_checkpo
   config is then compared instead. A damaged `config.json` with no checkpoint
   config raises `ConfigRecordDamagedError` (unless `allow_change`); a missing
   one with none is logged (checkpoints written before configs were saved in them).
+  `data` is the task's data record (`config_record`).
   """
   path = epath.Path(workdir) / CONFIG_FILE
-  current = config_record(config)
+  current = config_record(config, data)
   if has_checkpoint:
     recorded, problem = read_record(path)
     source = f"the workdir's record ({path})"

@@ -46,8 +46,13 @@ class Task(abc.ABC):
     metric_names: the per-step metrics `train_metrics` returns and `eval_sums`
       sums (besides 'loss' and 'count'); the trainer logs them as
       `train_<name>` and `eval_<name>`.
+    eval_denominators: `eval_sums` keys divided by another key's total than
+      'count' (`{name: count_key}`; the count keys are logged as
+      `eval_<count_key>`): figures of several parts of one evaluation pass,
+      e.g. a validation and a test split.
   """
   metric_names: tuple[str, ...] = ()
+  eval_denominators: dict[str, str] = {}
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
@@ -56,6 +61,15 @@ class Task(abc.ABC):
   @abc.abstractmethod
   def num_train(self) -> int:
     """Training examples per epoch (the steps per epoch are `num_train // batch_size`)."""
+
+  def data_record(self) -> dict[str, Any] | None:
+    """Facts about the data that the run's config record keeps (`config.json`, key 'data').
+
+    A resume, and every process of a multi-process run, must see the same
+    ones; a difference stops the run with the field named. None: nothing
+    beyond the config (the data are named by it, e.g. a tfds version).
+    """
+    return None
 
   @abc.abstractmethod
   def create_model(self, bn_axis_name: str | None) -> nn.Module:
