@@ -341,6 +341,27 @@ class ApproxSign(Sign):
     return approx_sign(x)
 
 
+@dataclasses.dataclass(frozen=True)
+class ScaledSign(Sign):
+  """`sign(w) * mean|w|`, straight through: BitNet's 1-bit weights (Wang et al., 2023).
+
+  The levels are the signs (a flip is a sign change, as for `Sign`); the
+  scale keeps a layer's output at its float twin's magnitude, which a
+  residual network without BatchNorm after each linear needs. `axis` as for
+  `Ternary` (None: one scale per tensor). Unlike `Sign`, the gradient is
+  the plain identity (BitNet's STE), never clipped.
+  """
+  axis: int | None = None
+  clip_value: None = None
+
+  def scale(self, x: jax.Array) -> jax.Array:
+    return uniform_scale(x, 2, "absmean", self.axis)  # mean|w| (ternary's absmean scale)
+
+  def __call__(self, x):
+    return straight_through(
+        lambda v: (jnp.sign(v).astype(jnp.float32) * self.scale(v)).astype(v.dtype), x)
+
+
 def _grid_cells(levels: jax.Array, lowest: int, highest: int, s: jax.Array):
   """Cells of the grid `{lowest..highest} * s` with rounding at the midpoints, ends open."""
   lv = levels.astype(jnp.float32)
@@ -462,6 +483,7 @@ SIGN = Sign()
 
 _NAMES = {
     "sign": Sign(), "ste_sign": Sign(), "approx_sign": ApproxSign(),
+    "scaled_sign": ScaledSign(),
     "ternary": Ternary(), "twn": Ternary(rule="twn"), "int8": Int8PerToken(),
 }
 

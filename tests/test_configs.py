@@ -30,13 +30,16 @@ def test_config_loads_and_builds_model(path):
   assert path.read_text().lstrip().startswith('"""'), "each config needs a docstring"
   doc = path.read_text().split('"""')[1]
   assert "python -m ovsw_jax.main" in doc and "Expected" in doc
-  size = config.image_size if config.dataset == "imagenet2012" else {"digits": 8}.get(
-      config.dataset, 32)
-  channels = 1 if config.dataset == "digits" else 3
-  model = models.get_model(config.model, num_classes=NUM_CLASSES[config.dataset],
-                           **dict(config.model_kwargs))
-  variables = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, channels)), train=False))
+  if config.task == "language_model":  # bytes and a BOS token in, a logit per token out
+    inputs, num_classes = jnp.zeros((1, config.model_kwargs.context), jnp.int32), 257
+  else:
+    size = config.image_size if config.dataset == "imagenet2012" else {"digits": 8}.get(
+        config.dataset, 32)
+    channels = 1 if config.dataset == "digits" else 3
+    inputs = jnp.zeros((1, size, size, channels))
+    num_classes = NUM_CLASSES[config.dataset]
+  model = models.get_model(config.model, num_classes=num_classes, **dict(config.model_kwargs))
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), inputs, train=False))
   mask = binary_weight_mask(variables["params"])
   assert any(jax.tree.leaves(mask)), "a BNN config must have binary kernels"
 
@@ -70,6 +73,8 @@ def test_recipes_follow_the_release():
 # slice), each with several process counts (one per host, one per GPU, ...).
 DEVICE_COUNTS = (1, 8, 16, 32, 256)
 DEFAULT_DEVICE_COUNTS = (1, 2, 4, 8, 16, 32)
+# The CPU-sized configs (a few minutes on 2 cores): the device counts their batch fits.
+SMALL_DEVICE_COUNTS = {"default": DEFAULT_DEVICE_COUNTS, "lm_stdlib": (1, 2, 4, 8, 16)}
 
 
 def layouts(device_counts):
@@ -82,7 +87,7 @@ def test_config_passes_the_checks_on_the_usual_device_counts(path):
   config_checks.check_values(config)
   for arg in ("vanilla", "ags", "sad", "runlocal"):
     config_checks.check_values(load_config(path, arg))
-  counts = DEFAULT_DEVICE_COUNTS if path.stem == "default" else DEVICE_COUNTS
+  counts = SMALL_DEVICE_COUNTS.get(path.stem, DEVICE_COUNTS)
   for devices, processes in layouts(counts):
     layout = config_checks.check(config, devices, processes)
     assert layout.batch_size == config.batch_size  # the recipe's batch, never changed

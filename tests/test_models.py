@@ -144,7 +144,7 @@ def test_layer_shapes_follow_the_release():
 
 def test_registry():
   assert set(MODELS) == {"resnet20", "resnet18_cifar", "vgg_small", "resnet18",
-                         "resnet34", "tiny", "tiny_imagenet"}
+                         "resnet34", "tiny", "tiny_imagenet", "transformer_lm"}
   model = get_model("resnet20", 100, dtype=jnp.bfloat16, bn_axis_name="batch")
   assert (model.num_classes, model.dtype, model.bn_axis_name) == (100, jnp.bfloat16, "batch")
   with pytest.raises(ValueError, match="resnet20.*tiny_imagenet|tiny_imagenet.*resnet20"):

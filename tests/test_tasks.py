@@ -84,7 +84,7 @@ def test_the_image_task_is_the_default_and_sums_what_numpy_sums():
 
 @pytest.mark.parametrize("name, match", [
     ("no_such_task", r"config.task='no_such_task' is not a task: set --config.task to one of "
-                     r"\['image_classification'\], or to the name of a module"),
+                     r"\['image_classification', 'language_model'\], or to the name of a module"),
     ("no_such_package.task", r"config.task='no_such_package.task' is no module"),
     ("helpers", r"module helpers defines no TASK"),
 ])

@@ -1,9 +1,11 @@
-"""The paper's binary networks (docs/method.md §6) and a registry by name.
+"""The paper's binary networks (docs/method.md §6), a quantized language model, a registry.
 
-Every model takes NHWC images, is called as `model.apply(variables, x,
+Every image model takes NHWC images, is called as `model.apply(variables, x,
 train=..., mutable=...)`, has `num_classes`, `dtype` (compute dtype; params
 stay float32, logits come back float32) and `bn_axis_name` (the pmap axis
 over which BatchNorm averages batch statistics in training) fields.
+`transformer_lm` (`transformer.py`) takes int tokens and returns a logit per
+token over `num_classes` (its vocabulary), with the same fields.
 
     >>> from ovsw_jax.models import get_model
     >>> model = get_model("resnet20", num_classes=10)
@@ -22,6 +24,7 @@ from ovsw_jax.models.resnet_cifar import (BasicBlockCifar, BasicBlockCifar18,
                                           resnet18_cifar, resnet20, tiny)
 from ovsw_jax.models.resnet_imagenet import (BasicBlockImageNet, ResNetImageNet,
                                              resnet18, resnet34, tiny_imagenet)
+from ovsw_jax.models.transformer import TransformerLM, transformer_lm
 from ovsw_jax.models.vgg import VGGSmall, vgg_small
 
 # name -> constructor taking `num_classes=` and any model field as keywords.
@@ -33,6 +36,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet34": resnet34,
     "tiny": tiny,
     "tiny_imagenet": tiny_imagenet,
+    "transformer_lm": transformer_lm,  # tokens, not images (tasks/language_model.py)
 }
 
 
@@ -56,7 +60,8 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
 __all__ = [
     "BasicBlockCifar", "BasicBlockCifar18", "BasicBlockImageNet", "BatchNorm",
     "MODELS", "PReLU", "ProjectionShortcut", "ResNetCifar", "ResNetCifar18",
-    "ResNetImageNet", "VGGSmall", "avgpool_zeropad_shortcut", "get_model",
+    "ResNetImageNet", "TransformerLM", "VGGSmall", "avgpool_zeropad_shortcut",
+    "get_model",
     "hardtanh", "resnet18", "resnet18_cifar", "resnet20", "resnet34", "tiny",
-    "tiny_imagenet", "vgg_small",
+    "tiny_imagenet", "transformer_lm", "vgg_small",
 ]

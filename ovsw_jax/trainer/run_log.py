@@ -76,9 +76,21 @@ def _percent(scalars: Mapping[str, Any], key: str) -> str:
   return f"{100 * float(scalars[key]):.2f}%" if key in scalars else "-"
 
 
+def _headline(scalars: Mapping[str, Any], prefix: str) -> str:
+  """The task's main figure: top-1 for classifiers, bits per byte for language models."""
+  bpb = f"{prefix}_bits_per_byte"
+  if f"{prefix}_accuracy" not in scalars and bpb in scalars:
+    test = f"{prefix}_test_bits_per_byte"
+    extra = f" (test {float(scalars[test]):.4f})" if test in scalars else ""
+    return f"bits/byte {float(scalars[bpb]):.4f}{extra}"
+  return f"top-1 {_percent(scalars, f'{prefix}_accuracy')}"
+
+
 def eval_line(step: int, num_steps: int, scalars: Mapping[str, Any],
               steps_per_sec: float | None) -> str:
   """The console line of one evaluation: epoch, step, loss, top-1, silent and flip ratio, speed.
+
+  A language model shows bits per byte (validation, then test) instead of top-1.
 
   >>> print(eval_line(50, 100, {'epoch': 1.0, 'eval_loss': 0.5, 'eval_accuracy': 0.9,
   ...                           'silent_ratio': 0.25, 'flip_ratio': 0.01}, 10.0))
@@ -88,7 +100,7 @@ def eval_line(step: int, num_steps: int, scalars: Mapping[str, Any],
   loss = f"{float(scalars['eval_loss']):.4f}" if "eval_loss" in scalars else "-"
   epoch = f"epoch {float(scalars['epoch']):.2f} " if "epoch" in scalars else ""
   return (f"eval {epoch}step {step}/{num_steps}: loss {loss}, "
-          f"top-1 {_percent(scalars, 'eval_accuracy')}, "
+          f"{_headline(scalars, 'eval')}, "
           f"silent {_percent(scalars, 'silent_ratio')}, flip {_percent(scalars, 'flip_ratio')}"
           f" | {_speed(step, num_steps, steps_per_sec)}")
 
@@ -103,7 +115,7 @@ def train_line(step: int, num_steps: int, scalars: Mapping[str, Any],
   loss = f"{float(scalars['train_loss']):.4f}" if "train_loss" in scalars else "-"
   lr = f"{float(scalars['learning_rate']):.4g}" if "learning_rate" in scalars else "-"
   return (f"train step {step}/{num_steps}: loss {loss}, "
-          f"top-1 {_percent(scalars, 'train_accuracy')}, lr {lr}"
+          f"{_headline(scalars, 'train')}, lr {lr}"
           f" | {_speed(step, num_steps, steps_per_sec)}")
 
 
