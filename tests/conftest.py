@@ -5,9 +5,13 @@ the tests start.
 
 The cache (jax's persistent compilation cache, in a fresh folder removed at the end)
 only skips compiling again what an earlier test or process already compiled: the
-executable, and so every number, is the one a compilation gives. With a size limit
-set, jax takes a file lock around each read and write, so the several processes of
-one test never read an entry half written.
+executable, and so every number, is the one a compilation gives. It has no size
+limit: with one, jax scans every entry of the folder on every write (its LRU
+eviction), and the suite's thousands of entries made that scan most of the
+suite's time (docs/design.md). Without one, jax neither locks nor evicts: a process
+that reads an entry another is still writing gets a truncated file, which jax
+reports as a warning and compiles instead (the same executable); `PYTHONWARNINGS`
+keeps that warning out of the output the tests read.
 """
 
 import atexit
@@ -27,7 +31,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)  # bytes: enables the file lock
+  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = "-1"  # no eviction: no scan, no lock
+# A truncated read of an entry being written: compiled instead (same executable), not shown.
+os.environ.setdefault("PYTHONWARNINGS", "ignore:Error reading persistent compilation cache entry")
 
 
 # Module fixtures that train a run (or build a wheel) for the tests that read it: every test
