@@ -34,6 +34,12 @@ def test_step_cosine_and_bad_name():
   assert float(fn(0)) == 0.0
   np.testing.assert_allclose(float(fn(100)), 0.1, rtol=1e-5)
   assert float(fn(999)) < 1e-3
+  # A run set in steps ends its cosine at its last step: optax's formula by hand.
+  c.num_train_steps, c.warmup_epochs, c.end_learning_rate = 300, 0, 1e-5
+  fn = create_learning_rate_fn(c, 100)
+  for step in (0, 120, 299, 300):
+    expected = 1e-5 + (0.1 - 1e-5) * 0.5 * (1 + np.cos(np.pi * min(step, 300) / 300))
+    np.testing.assert_allclose(float(fn(step)), expected, rtol=1e-5, atol=1e-7)  # float32
   c.lr_schedule = "cosine_typo"
   with pytest.raises(ValueError, match="lr_schedule"):
     create_learning_rate_fn(c, 100)

@@ -25,7 +25,8 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict,
     - 'epoch_cosine' (the release): the rate changes once per epoch `e`:
       `lr0 * (e + 1) / W` while `e < W`, then
       `0.5 * (1 + cos(pi * (e - W) / (E - W))) * lr0 + 1e-5`.
-    - 'step_cosine': `optax.warmup_cosine_decay_schedule` per step.
+    - 'step_cosine': `optax.warmup_cosine_decay_schedule` per step, ending at
+      the run's end: `num_train_steps` where set (> 0), else `num_epochs`.
     - 'constant'.
   """
   lr0 = config.learning_rate
@@ -34,7 +35,8 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict,
   if config.lr_schedule == "constant":
     return optax.constant_schedule(lr0)
   if config.lr_schedule == "step_cosine":
-    total = max(int(epochs * steps_per_epoch), 1)
+    steps = config.get("num_train_steps", -1)
+    total = max(int(steps if steps > 0 else epochs * steps_per_epoch), 1)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=lr0, warmup_steps=int(warmup * steps_per_epoch),
         decay_steps=total, end_value=config.get("end_learning_rate", 1e-5))
