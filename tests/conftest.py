@@ -70,7 +70,7 @@ LONGEST_FIRST = ("test_multihost_faults.py", "test_train.py", "test_multihost.py
                  "test_reliability.py", "test_config_checks.py", "test_layers.py",
                  "test_export.py", "test_main.py", "test_packaging.py", "test_repro.py",
                  "test_ovsw_chain.py", "test_parallelism.py", "test_object_store.py",
-                 "test_tasks.py")
+                 "test_language_model.py", "test_tasks.py")
 
 
 def pytest_collection_modifyitems(config, items):

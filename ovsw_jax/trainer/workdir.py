@@ -167,10 +167,12 @@ def _compare(workdir: str, recorded: dict[str, Any], current: dict[str, Any], *,
     listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in blocking.items())
     data = ""
     if any(k.startswith("data.") for k in blocking):
-      data = (" The data.* fields describe the data the run read (its task's data record): "
-              "this process reads other data (for the language model: another Python "
-              "version's standard library), so continue the run with the interpreter "
-              "recorded in data.python_version.")
+      version = _flat(recorded).get("data.python_version")
+      where = (f" (the language model's corpus is the interpreter's standard library: the "
+               f"run read Python {version}'s)" if version else "")
+      data = (" The data.* fields describe the data the run read (its task's data record) "
+              f"and this process reads other data{where}: continue the run where it reads "
+              "the same data, e.g. with the recorded interpreter.")
     raise ConfigMismatchError(
         f"The workdir {workdir} holds a run trained with another config, and these "
         f"fields change what its checkpoints are or mean: {listed}. Nothing was trained "
