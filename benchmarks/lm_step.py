@@ -13,7 +13,9 @@ Arms, in one process on the same batch, one step of each in turn (A B C A B C
 
 Goals (docs/performance.md): a quantized step within 1.10x of the float twin's;
 OvSW's share of its step (ovsw vs vanilla of the same kernels) under 2%.
-The last line is JSON: every arm's ms/step and tokens/s, and the ratios.
+Per kernel, the optimizer update alone is timed too (vanilla, AGS, SAD, OvSW):
+what the transforms themselves cost. The last line is JSON: every arm's ms/step
+and tokens/s, and the ratios.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 from benchmarks.train_step import paired_ratio, time_interleaved
 from configs import lm_stdlib
@@ -49,6 +53,37 @@ def build(arm: str, args):
   start = time.perf_counter()
   compiled = step.lower(run.initial_state, batch).compile()
   return compiled, run.initial_state, batch, time.perf_counter() - start
+
+
+def update_times(args, kernel: str, rounds: int = 60) -> dict[str, float]:
+  """The optimizer update alone (gradients in, parameters and state out, jitted), in ms
+  median, for the vanilla, AGS, SAD and OvSW optimizers of `kernel`'s model, alternated.
+
+  What AGS and SAD themselves cost, apart from any change they make to how XLA
+  compiles the rest of the step.
+  """
+  fns = {}
+  for opt in ("vanilla", "ags", "sad", "ovsw"):
+    config = lm_stdlib.get_config(f"{kernel},{opt}")
+    mk = config.model_kwargs
+    mk.width, mk.depth, mk.context = args.width, args.depth, args.context
+    run = train.setup(config, language_model.LanguageModel(config))
+    rng = np.random.default_rng(0)
+    grads = jax.tree.map(lambda p: jnp.asarray(1e-3 * rng.normal(size=p.shape), p.dtype),
+                         run.initial_state.params)
+
+    def update(params, opt_state, grads, tx=run.tx):
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+    fn = jax.jit(update)
+    fns[opt] = (fn, fn(run.initial_state.params, run.initial_state.opt_state, grads), grads)
+  times = {opt: [] for opt in fns}
+  for _ in range(rounds):
+    for opt, (fn, state, grads) in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*state, grads))
+      times[opt].append(time.perf_counter() - start)
+  return {opt: 1e3 * statistics.median(t) for opt, t in times.items()}
 
 
 def main(argv=None) -> dict:
@@ -83,6 +118,13 @@ def main(argv=None) -> dict:
     out[f"{kernel}_ovsw_share"] = round(1 - 1 / r, 4)
     print(f"  {kernel} OvSW's share of its step: {100 * (1 - 1 / r):.2f}% "
           f"(ovsw / vanilla {r:.3f}x, quartiles {lo:.3f}-{hi:.3f}; goal < 2%)")
+    upd = update_times(args, kernel)
+    out.update({f"{kernel}_update_{k}_ms": round(v, 3) for k, v in upd.items()})
+    added = upd["ovsw"] - upd["vanilla"]
+    print(f"  {kernel} optimizer update alone: "
+          + ", ".join(f"{k} {v:.2f} ms" for k, v in upd.items())
+          + f"; OvSW adds {added:.2f} ms = "
+          f"{100 * added / out[f'{kernel}-ovsw_ms']:.2f}% of its step")
   print(json.dumps(out))
   return out
 
