@@ -48,10 +48,14 @@ def _masked_map(fn, mask, *trees):
   return jax.tree.map(lambda m, *xs: fn(*xs) if m else None, mask, *trees)
 
 
+def _quantizers(params: Any, mask: Any, levels: Any) -> Any:
+  """Each masked leaf's quantizer (signs by default); None elsewhere."""
+  return levels_lib.resolve(levels, _masked_map(lambda p: p, mask, params))  # masked leaves only
+
+
 def _pack_all(params: Any, mask: Any, levels: Any) -> Any:
   """Each masked leaf's levels, packed (`pack_signs` for signs, the default); None elsewhere."""
-  qs = levels_lib.resolve(levels, _masked_map(lambda p: p, mask, params))  # masked leaves only
-  return _masked_map(lambda p, q: q.pack(p), mask, params, qs)
+  return _masked_map(lambda p, q: q.pack(p), mask, params, _quantizers(params, mask, levels))
 
 
 def init_flip_state(params: Any, mask: Any, levels: Any = None,
@@ -67,8 +71,8 @@ def init_flip_state(params: Any, mask: Any, levels: Any = None,
 
 
 def _levels_all(params: Any, mask: Any, levels: Any) -> Any:
-  qs = levels_lib.resolve(levels, _masked_map(lambda p: p, mask, params))
-  return _masked_map(lambda p, q: q.levels(p), mask, params, qs)
+  """Each masked leaf's integer levels; None elsewhere."""
+  return _masked_map(lambda p, q: q.levels(p), mask, params, _quantizers(params, mask, levels))
 
 
 def oscillation_step(flips: FlipState, old_params: Any, new_params: Any, mask: Any,
@@ -86,21 +90,20 @@ def oscillation_step(flips: FlipState, old_params: Any, new_params: Any, mask: A
   if flips.last_change is None:
     raise ValueError("oscillation_step needs a FlipState made with "
                      "init_flip_state(..., oscillation=True).")
-  old_levels = _levels_all(old_params, mask, levels)
-  new_levels = _levels_all(new_params, mask, levels)
-  count, total = 0, 0
-  last = {}
-  for i, (_, p, packed, a, b) in enumerate(
-      _layers(mask, new_params, flips.last_change, old_levels, new_levels)):
+  def reversals(packed, a, b):
+    """(how many entries reversed their last change, the new last changes packed)."""
     direction = jnp.sign(b.astype(jnp.int32) - a.astype(jnp.int32)).astype(jnp.int8)
-    previous = bitpack.unpack_signs(packed, p.shape)
-    count += jnp.sum((direction != 0) & (direction == -previous)).astype(jnp.int32)
-    total += p.size
-    last[i] = bitpack.pack_signs(jnp.where(direction != 0, direction, previous))
-  leaves, treedef = jax.tree.flatten(flips.last_change, is_leaf=lambda x: x is None)
-  it = iter(last.values())
-  new_last = jax.tree.unflatten(treedef, [None if x is None else next(it) for x in leaves])
-  return flips._replace(last_change=new_last), count / max(total, 1)
+    previous = bitpack.unpack_signs(packed, a.shape)
+    count = jnp.sum((direction != 0) & (direction == -previous)).astype(jnp.int32)
+    return count, bitpack.pack_signs(jnp.where(direction != 0, direction, previous))
+
+  per_leaf = _masked_map(reversals, mask, flips.last_change,
+                         _levels_all(old_params, mask, levels),
+                         _levels_all(new_params, mask, levels))
+  count = sum(c for _, c in _layers(mask, _masked_map(lambda r: r[0], mask, per_leaf)))
+  total = sum(p.size for _, p in _layers(mask, new_params))
+  return (flips._replace(last_change=_masked_map(lambda r: r[1], mask, per_leaf)),
+          count / max(total, 1))
 
 
 def update_flip_state(flips: FlipState, params: Any, mask: Any, levels: Any = None) -> FlipState:
