@@ -278,7 +278,7 @@ def test_lm_trains_resumes_bitwise_and_refuses_other_data(lib, tmp_path, monkeyp
   config.corpus_dir = str(other)
   config.num_train_steps = 8
   with pytest.raises(workdir.ConfigMismatchError,
-                     match=r"data.corpus_sha256.*the run read Python \d"):
+                     match=r"data.corpus_sha256.*data.python_version='\d"):
     train.train_and_evaluate(config, str(tmp_path / "straight"))
   assert checkpointing.create_manager(
       f"{tmp_path / 'straight'}/checkpoints").all_steps() == [6]

@@ -167,12 +167,11 @@ def _compare(workdir: str, recorded: dict[str, Any], current: dict[str, Any], *,
     listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in blocking.items())
     data = ""
     if any(k.startswith("data.") for k in blocking):
-      version = _flat(recorded).get("data.python_version")
-      where = (f" (the language model's corpus is the interpreter's standard library: the "
-               f"run read Python {version}'s)" if version else "")
-      data = (" The data.* fields describe the data the run read (its task's data record) "
-              f"and this process reads other data{where}: continue the run where it reads "
-              "the same data, e.g. with the recorded interpreter.")
+      same = "; ".join(f"{k}={v!r}" for k, v in _flat(recorded).items()
+                       if k.startswith("data.") and k not in blocking)
+      data = (" The data.* fields are the task's record of the data the run read, and this "
+              "process reads other data: continue the run where it reads the recorded data"
+              f"{f' (unchanged: {same})' if same else ''}.")
     raise ConfigMismatchError(
         f"The workdir {workdir} holds a run trained with another config, and these "
         f"fields change what its checkpoints are or mean: {listed}. Nothing was trained "
