@@ -4,7 +4,8 @@
 random 4x4 image positive? One logit, sigmoid cross entropy, accuracy only;
 batches drawn from `np.random.default_rng([seed, step])`, so they are a pure
 function of (seed, step) as the trainer's resume needs; a fixed evaluation
-set of 36 examples in batches padded and masked as the trainer expects.
+set of 36 examples in batches padded and masked as the trainer expects
+(`base.padded_batches`).
 """
 
 from __future__ import annotations
@@ -64,14 +65,9 @@ class PositiveSum(base.Task):
       step += 1
 
   def eval_batches(self, *, global_batch_size, process_index, process_count):
-    examples = _examples(np.random.default_rng([7]), NUM_EVAL)
-    local = global_batch_size // process_count
-    for start in range(0, NUM_EVAL, global_batch_size):
-      rows = np.arange(start, start + global_batch_size)
-      real = rows < NUM_EVAL
-      batch = {k: v[np.minimum(rows, NUM_EVAL - 1)] for k, v in examples.items()}
-      batch["mask"] = real
-      yield {k: v[process_index * local:(process_index + 1) * local] for k, v in batch.items()}
+    return base.padded_batches(_examples(np.random.default_rng([7]), NUM_EVAL),
+                               global_batch_size=global_batch_size,
+                               process_index=process_index, process_count=process_count)
 
 
 TASK = PositiveSum

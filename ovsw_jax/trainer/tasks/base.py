@@ -22,10 +22,29 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from ovsw_jax import models
 
 Batch = dict[str, Any]
+
+
+def padded_batches(examples: Batch, *, global_batch_size: int, process_index: int,
+                   process_count: int) -> Iterator[Batch]:
+  """One pass over in-memory `examples` (arrays, examples on the leading axis) in global batches.
+
+  The last batch is filled by repeating the last example with `mask` False, so
+  every batch has the same shape and each example counts once; each process
+  gets its rows (`global_batch_size // process_count` of them) of every batch.
+  """
+  total = len(next(iter(examples.values())))
+  local = global_batch_size // process_count
+  rows = slice(process_index * local, (process_index + 1) * local)
+  for start in range(0, total, global_batch_size):
+    positions = np.arange(start, start + global_batch_size)
+    batch = {k: v[np.minimum(positions, total - 1)] for k, v in examples.items()}
+    batch["mask"] = positions < total
+    yield {k: v[rows] for k, v in batch.items()}
 
 
 def create_model(config: ml_collections.ConfigDict, num_outputs: int,

@@ -134,14 +134,8 @@ class LanguageModel(base.Task):
     parts = [eval_windows(self.corpus.split(s), self.context) for s in ("validation", "test")]
     windows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     windows["is_test"] = np.repeat([False, True], [len(p["inputs"]) for p in parts])
-    total = len(windows["inputs"])
-    local = global_batch_size // process_count
-    for start in range(0, total, global_batch_size):
-      rows = np.arange(start, start + global_batch_size)
-      real = rows < total
-      batch = {k: v[np.minimum(rows, total - 1)] for k, v in windows.items()}
-      batch["mask"] = real
-      yield {k: v[process_index * local:(process_index + 1) * local] for k, v in batch.items()}
+    return base.padded_batches(windows, global_batch_size=global_batch_size,
+                               process_index=process_index, process_count=process_count)
 
 
 TASK = LanguageModel
