@@ -6,6 +6,8 @@
 - `release_float`: an oracle hyperparameter as the Python float the release was given.
 - `load_config`: a config file of `configs/` by name or path, with its `:arg`.
 - `module_command`: a `python -m MODULE` subprocess with this checkout importable.
+- `signalled_after`, `final_state`: a run stopped by a signal mid-run, and the state a
+  workdir's newest checkpoint holds (the in-process resume tests).
 """
 
 from __future__ import annotations
@@ -94,3 +96,21 @@ def module_command(module: str, args, *, cwd=ROOT, devices: int = DEVICES,
     env["PYTHONPATH"] = str(pythonpath)
   return subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def signalled_after(train_batches, count: int, signum: int):
+  """A `Task.train_batches` to patch in: sends this process `signum` once `count`
+  batches were read, as a preemption mid-run would."""
+  def batches(self, **kwargs):
+    for i, batch in enumerate(train_batches(self, **kwargs)):
+      if i == count:
+        os.kill(os.getpid(), signum)
+      yield batch
+  return batches
+
+
+def final_state(config, workdir):
+  """The train state of `workdir`'s newest checkpoint of `config`'s run."""
+  from ovsw_jax.trainer import checkpointing, train  # pylint: disable=g-import-not-at-top
+  manager = checkpointing.create_manager(f"{workdir}/checkpoints")
+  return checkpointing.restore_latest(manager, train.setup(config).initial_state)

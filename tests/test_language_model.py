@@ -3,7 +3,6 @@ transformer, oscillations, and a run that trains, resumes bitwise and refuses ot
 
 import hashlib
 import math
-import os
 import signal
 
 import jax
@@ -11,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import load_config
+from helpers import final_state, load_config, signalled_after
 from ovsw_jax import metrics, quantizers
 from ovsw_jax.models import transformer
 from ovsw_jax.optim import binary_weight_mask
@@ -235,11 +234,6 @@ def test_config_words_choose_the_kernels():
     load_config("lm_stdlib", "quaternary")
 
 
-def _final_state(config, wd):
-  manager = checkpointing.create_manager(f"{wd}/checkpoints")
-  return checkpointing.restore_latest(manager, train.setup(config).initial_state)
-
-
 @pytest.mark.slow
 def test_lm_trains_resumes_bitwise_and_refuses_other_data(lib, tmp_path, monkeypatch):
   config = lm_config(lib)
@@ -254,21 +248,15 @@ def test_lm_trains_resumes_bitwise_and_refuses_other_data(lib, tmp_path, monkeyp
   log = (tmp_path / "straight" / "metrics.jsonl").read_text()
   assert "train_step_oscillation_ratio" in log and "train_bits_per_byte" in log
 
-  batches = language_model.LanguageModel.train_batches
-
-  def interrupted(self, **kwargs):
-    for i, batch in enumerate(batches(self, **kwargs)):
-      if i == 3:
-        os.kill(os.getpid(), signal.SIGTERM)
-      yield batch
-  monkeypatch.setattr(language_model.LanguageModel, "train_batches", interrupted)
+  lm = language_model.LanguageModel
+  monkeypatch.setattr(lm, "train_batches", signalled_after(lm.train_batches, 3, signal.SIGTERM))
   with preemption.handling(preemption.ALWAYS), pytest.raises(preemption.Preempted) as stop:
     train.train_and_evaluate(config, str(tmp_path / "resumed"))
   monkeypatch.undo()
   assert 1 <= stop.value.step < 6
   resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
   assert resumed == straight
-  a, b = (_final_state(config, tmp_path / d) for d in ("straight", "resumed"))
+  a, b = (final_state(config, tmp_path / d) for d in ("straight", "resumed"))
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 

@@ -2,7 +2,6 @@
 step, loop, checkpoints and resume, and a bad `config.task` stops with the fix."""
 
 import json
-import os
 import signal
 
 import jax
@@ -10,8 +9,8 @@ import numpy as np
 import pytest
 
 import toy_task
-from helpers import load_config
-from ovsw_jax.trainer import checkpointing, preemption, tasks, train
+from helpers import final_state, load_config, signalled_after
+from ovsw_jax.trainer import preemption, tasks, train
 from ovsw_jax.trainer.config_checks import ConfigError
 from ovsw_jax.trainer.tasks import image_classification
 
@@ -23,11 +22,6 @@ def toy_config(steps):
   config.checkpoint_every_steps = 100
   config.eval_batch_size = 16  # 36 examples: 3 batches, the last one padded
   return config
-
-
-def final_state(config, workdir):
-  manager = checkpointing.create_manager(f"{workdir}/checkpoints")
-  return checkpointing.restore_latest(manager, train.setup(config).initial_state)
 
 
 @pytest.mark.slow
@@ -43,14 +37,8 @@ def test_a_task_in_one_module_trains_evaluates_and_resumes_bitwise(tmp_path, mon
   assert any("train_accuracy" in x and "train_top5" not in x for x in lines)
 
   # Ctrl-C after 4 batches were read: saved and stopped, then started again.
-  batches = toy_task.PositiveSum.train_batches
-
-  def interrupted(self, **kwargs):
-    for i, batch in enumerate(batches(self, **kwargs)):
-      if i == 4:
-        os.kill(os.getpid(), signal.SIGINT)
-      yield batch
-  monkeypatch.setattr(toy_task.PositiveSum, "train_batches", interrupted)
+  monkeypatch.setattr(toy_task.PositiveSum, "train_batches",
+                      signalled_after(toy_task.PositiveSum.train_batches, 4, signal.SIGINT))
   with preemption.handling(preemption.ALWAYS), pytest.raises(preemption.Preempted) as stop:
     train.train_and_evaluate(config, str(tmp_path / "resumed"))
   monkeypatch.undo()
