@@ -22,7 +22,8 @@ trainer's sake and unused (there is no BatchNorm).
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -32,47 +33,36 @@ from ovsw_jax.layers import QuantDense
 
 
 class Attention(nn.Module):
-  """Causal multi-head self-attention with quantized q, k, v and o projections."""
+  """Causal multi-head self-attention; `linear(features, name=...)` makes q, k, v and o."""
   num_heads: int
-  kernel_quantizer: Any
-  input_quantizer: Any
+  linear: Callable[..., nn.Module]
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     batch, length, width = x.shape
     head = width // self.num_heads
-
-    def dense(name):
-      return QuantDense(width, use_bias=False, dtype=self.dtype, name=name,
-                        kernel_quantizer=self.kernel_quantizer,
-                        input_quantizer=self.input_quantizer)
-
-    q, k, v = (dense(n)(x).reshape(batch, length, self.num_heads, head) for n in "qkv")
+    q, k, v = (self.linear(width, name=n)(x).reshape(batch, length, self.num_heads, head)
+               for n in "qkv")
     mask = nn.make_causal_mask(jnp.ones((batch, length), bool))
     y = nn.dot_product_attention(q, k, v, mask=mask, dtype=self.dtype)
-    return dense("o")(y.reshape(batch, length, width))
+    return self.linear(width, name="o")(y.reshape(batch, length, width))
 
 
 class MLP(nn.Module):
   """up (width -> mlp_ratio * width), squared ReLU (BitNet b1.58's), down."""
   mlp_ratio: int
-  kernel_quantizer: Any
-  input_quantizer: Any
-  dtype: Any = jnp.float32
+  linear: Callable[..., nn.Module]
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     width = x.shape[-1]
-    kw = dict(use_bias=False, dtype=self.dtype, kernel_quantizer=self.kernel_quantizer,
-              input_quantizer=self.input_quantizer)
-    h = QuantDense(self.mlp_ratio * width, name="up", **kw)(x)
-    h = jnp.square(nn.relu(h))
-    return QuantDense(width, name="down", **kw)(h)
+    h = jnp.square(nn.relu(self.linear(self.mlp_ratio * width, name="up")(x)))
+    return self.linear(width, name="down")(h)
 
 
 class Block(nn.Module):
-  """x + attn(norm(x)), then x + mlp(norm(x))."""
+  """x + attn(norm(x)), then x + mlp(norm(x)); every linear a bias-free `QuantDense`."""
   num_heads: int
   mlp_ratio: int
   kernel_quantizer: Any
@@ -81,10 +71,12 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    q = dict(kernel_quantizer=self.kernel_quantizer, input_quantizer=self.input_quantizer,
-             dtype=self.dtype)
-    x = x + Attention(self.num_heads, name="attn", **q)(nn.RMSNorm(name="norm_attn")(x))
-    return x + MLP(self.mlp_ratio, name="mlp", **q)(nn.RMSNorm(name="norm_mlp")(x))
+    linear = functools.partial(QuantDense, use_bias=False, dtype=self.dtype,
+                               kernel_quantizer=self.kernel_quantizer,
+                               input_quantizer=self.input_quantizer)
+    attn = Attention(self.num_heads, linear, dtype=self.dtype, name="attn")
+    x = x + attn(nn.RMSNorm(name="norm_attn")(x))
+    return x + MLP(self.mlp_ratio, linear, name="mlp")(nn.RMSNorm(name="norm_mlp")(x))
 
 
 class TransformerLM(nn.Module):
