@@ -62,7 +62,8 @@ def test_runs_are_found_with_their_files(study):
 def test_tables(study, tmp_path):
   _, group_dir = study
   written = tables.write_tables(group_dir, tmp_path)
-  assert {p.name for p in written} == {"runs.csv", "summary.csv", "layers.csv", "summary.md"}
+  assert {p.name for p in written} == {"runs.csv", "summary.csv", "layers.csv", "kinds.csv",
+                                          "summary.md"}
   summary = read_csv(tmp_path / "summary.csv")
   assert [r["arm"] for r in summary] == list(ARMS)
   for row in summary:
@@ -168,6 +169,92 @@ def test_grid_runs_report_and_resume(tmp_path):
   assert len(before) == 2
   grid.run_grid(tmp_path, "g", axes, seeds=[0], overrides=TINY)
   assert before == {p: p.stat().st_mtime for p in group_dir.rglob("result.json")}
+
+
+def test_grid_order_is_seed_major_and_shards_split_it(capsys):
+  axes = [grid.parse_axis("arm=vanilla,ovsw")]
+  grid.run_grid("root", "g", axes, seeds=[0, 1], dry_run=True)
+  every = capsys.readouterr().out.split()
+  assert [p.split("/")[-2:] for p in every] == [
+      ["arm=vanilla", "seed0"], ["arm=ovsw", "seed0"], ["arm=vanilla", "seed1"],
+      ["arm=ovsw", "seed1"]]
+  shards = []
+  for i in range(3):
+    grid.run_grid("root", "g", axes, seeds=[0, 1], dry_run=True, shard=(i, 3))
+    shards.append(capsys.readouterr().out.split())
+  assert sorted(sum(shards, [])) == sorted(every) and shards[0] == [every[0], every[3]]
+  with pytest.raises(ValueError, match="shard 2/2"):
+    grid.run_grid("root", "g", axes, dry_run=True, shard=(2, 2))
+
+
+def write_lm_run(path, arm, seed, test_bpb, flips, oscillations, silent):
+  """A language-model run's files as the trainer and the grid write them (by hand)."""
+  path.mkdir(parents=True)
+  lines = [{"step": 100 * (i + 1), "kind": "train", "train_step_flip_ratio": f,
+            "train_step_oscillation_ratio": o} for i, (f, o) in enumerate(zip(flips, oscillations))]
+  lines.append({"step": 100 * len(flips), "kind": "eval", "eval_bits_per_byte": test_bpb + 0.01,
+                "eval_test_bits_per_byte": test_bpb, "epoch": 0.4,
+                "silent_ratio": float(np.mean(list(silent.values()))),
+                **{f"silent_ratio/{k}": v for k, v in silent.items()}})
+  (path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+  (path / "run.json").write_text(json.dumps({"arm": arm, "seed": seed, "point": {"arm": arm}}))
+
+
+def test_language_model_tables_read_bits_per_byte_oscillations_and_layer_kinds(tmp_path):
+  rng = np.random.default_rng(0)
+  layers = [f"block_{b}/{k}" for b in range(2) for k in ("attn/q", "mlp/up")]
+  runs = []
+  for arm in ("a", "b"):
+    for seed in range(2):
+      flips, osc = rng.uniform(0.01, 0.1, 5), rng.uniform(0.0, 0.01, 5)
+      silent = dict(zip(layers, rng.uniform(0.3, 0.7, len(layers))))
+      bpb = float(rng.uniform(2.3, 2.5))
+      write_lm_run(tmp_path / "g" / arm / f"seed{seed}", arm, seed, bpb, flips, osc, silent)
+      runs.append((arm, bpb, flips, osc, silent))
+  tables.write_tables(tmp_path, tmp_path / "out")
+  got = {(r["arm"], r["seed"]): r for r in read_csv(tmp_path / "out" / "g_runs.csv")}
+  for i, (arm, bpb, flips, osc, _) in enumerate(runs):
+    row = got[(arm, str(i % 2))]
+    assert float(row["test_bits_per_byte"]) == pytest.approx(bpb, rel=1e-5)
+    assert float(row["val_bits_per_byte"]) == pytest.approx(bpb + 0.01, rel=1e-5)
+    assert float(row["oscillation_per_flip"]) == pytest.approx(osc.sum() / flips.sum(), rel=1e-5)
+    assert float(row["peak_step_flip_ratio"]) == pytest.approx(flips.max(), rel=1e-5)
+  kinds = read_csv(tmp_path / "out" / "g_kinds.csv")
+  assert {(r["arm"], r["kind"]) for r in kinds} == {
+      (a, k) for a in ("a", "b") for k in ("block/attn/q", "block/mlp/up")}
+  for r in kinds:  # a run's kind: the mean of its blocks' layers; then mean and std over seeds
+    per_run = [np.mean([s[x] for x in layers if tables.layer_kind(x) == r["kind"]])
+               for a, _, _, _, s in runs if a == r["arm"]]
+    assert float(r["silent_ratio_mean"]) == pytest.approx(np.mean(per_run), rel=1e-5)
+    assert float(r["silent_ratio_std"]) == pytest.approx(np.std(per_run, ddof=1), rel=1e-4)
+  md = (tmp_path / "out" / "g_summary.md").read_text()
+  assert "test bits/byte" in md and "oscillations / flips" in md and "top-1" not in md
+  assert "per layer kind" in md and "| block/mlp/up |" in md
+  keys, rows = grid.collect(tmp_path / "g")
+  assert keys == ["arm"] and [r["n"] for r in rows] == [2, 2]
+  table = grid.markdown(keys, rows)
+  assert "test bits/byte" in table and "peak flip ratio per step" in table
+  assert "block/attn/q" in table and "per epoch" not in table
+
+
+@pytest.mark.slow
+def test_a_language_model_grid_point_trains_through_the_study_tools(tmp_path):
+  axes = [grid.parse_axis("arm=ternary+vanilla+runlocal,binary+ovsw+runlocal")]
+  group_dir = grid.run_grid(tmp_path, "lm", axes, dataset="lm_stdlib", shard=(1, 2),
+                            overrides={"log_every_steps": 2})
+  # Only the second run (shard 1 of 2) trained; its weights were snapshotted.
+  assert [p.name for p in pathlib.Path(group_dir).iterdir()] == ["arm=binary+ovsw+runlocal"]
+  run_dir = pathlib.Path(group_dir, "arm=binary+ovsw+runlocal", "seed0")
+  result = json.loads((run_dir / "result.json").read_text())
+  assert result["eval_test_count"] > 0 and 0 < result["eval_test_bits_per_byte"] < 9
+  config = snapshot.load_config(run_dir)
+  assert config.model_kwargs.kernel_quantizer == "scaled_sign" and config.ovsw.sad
+  weights = snapshot.load_weights(run_dir)
+  assert sorted(weights) == sorted(
+      n[len("silent_ratio/"):] for n in events.read_scalars(run_dir) if "silent_ratio/" in n)
+  sweep.report_grid(group_dir, tmp_path / "report")
+  assert "| binary+ovsw+runlocal | 1 |" in (tmp_path / "report" / "grid.md").read_text()
+  assert (tmp_path / "report" / "curves.png").stat().st_size > 5000
 
 
 def test_memory_per_binary_weight_from_the_state():

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import itertools
+import math
 from typing import Sequence
 
 from etils import epath
@@ -28,9 +29,8 @@ import numpy as np
 from ovsw_jax.repro import events, run as run_lib, tables
 
 ARM_KEY = "arm"
-# What the report shows per point, mean and std over seeds.
-METRICS = ("final_accuracy", "best_accuracy", "silent_ratio", "peak_flip_ratio",
-           "sad_silent_fraction", "ags_scaled_fraction")
+# What the report shows per point, mean and std over seeds (those a task has).
+METRICS = tables.SUMMARY_COLUMNS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,26 +97,34 @@ def point_config(point: dict[str, object], *, dataset: str, arm: str, base: dict
 
 def run_grid(workdir, group: str, axes: Sequence[Axis], *, seeds: Sequence[int] = (0,),
              dataset: str = "digits", arm: str = "ovsw", overrides: dict | None = None,
-             dry_run: bool = False) -> epath.Path:
-  """Trains every (point, seed) in turn (or, `dry_run`, only prints them); returns the group dir."""
+             dry_run: bool = False, shard: tuple[int, int] = (0, 1)) -> epath.Path:
+  """Trains every (point, seed) in turn (or, `dry_run`, only prints them); returns the group dir.
+
+  The order is seed-major (every point's first seed, then the second, ...), so a
+  grid stopped early has its points at equal seeds. `shard=(i, n)`: only the
+  runs whose place in that order is i modulo n, so that n workers (say, one per
+  core) share a grid; each run's workdir lock keeps two off one run anyway.
+  """
+  index, count = shard
+  if not 0 <= index < count:
+    raise ValueError(f"shard {index}/{count}: use i/n with 0 <= i < n, e.g. 0/2 and 1/2.")
   base = {**run_lib.STUDY_OVERRIDES, **(overrides or {})}
-  for point in points(axes):
+  order = [(seed, point) for seed in seeds for point in points(axes)]
+  for seed, point in order[index::count]:
     config = point_config(point, dataset=dataset, arm=arm, base=base)
-    for seed in seeds:
-      config.seed = seed
-      path = epath.Path(workdir, group, point_name(point), f"seed{seed}")
-      if dry_run:
-        print(path)
-        continue
-      delta = float(config.ovsw.delta) if config.ovsw.ags else 0.0
-      gamma = float(config.ovsw.dampen_weight) if config.ovsw.sad else 0.0
-      info = {"arm": point_name(point), "seed": seed, "dataset": dataset, "group": group,
-              "point": point, "delta": delta, "gamma": gamma,
-              "overrides": {k: v for k, v in base.items() if not isinstance(v, (list, tuple))}}
-      result = run_lib.train_one(config, path, info)
-      print(f"[{group}] {point_name(point)} seed {seed}: test accuracy "
-            f"{result['eval_accuracy']:.4f}, silent ratio {result['silent_ratio']:.4f} "
-            f"({result.get('train_seconds', 0.0):.0f} s)", flush=True)
+    config.seed = seed
+    path = epath.Path(workdir, group, point_name(point), f"seed{seed}")
+    if dry_run:
+      print(path)
+      continue
+    delta = float(config.ovsw.delta) if config.ovsw.ags else 0.0
+    gamma = float(config.ovsw.dampen_weight) if config.ovsw.sad else 0.0
+    info = {"arm": point_name(point), "seed": seed, "dataset": dataset, "group": group,
+            "point": point, "delta": delta, "gamma": gamma,
+            "overrides": {k: v for k, v in base.items() if not isinstance(v, (list, tuple))}}
+    result = run_lib.train_one(config, path, info)
+    print(f"[{group}] {point_name(point)} seed {seed}: {run_lib.headline(result)}",
+          flush=True)
   return epath.Path(workdir, group)
 
 
@@ -138,23 +146,48 @@ def collect(group_dir) -> tuple[list[str], list[dict]]:
     row["n"] = len(runs)
     row["epochs"] = runs[0]["final_epoch"]
     for col in METRICS:
-      row[f"{col}_mean"], row[f"{col}_std"] = tables.mean_std([x[col] for x in runs])
+      row[f"{col}_mean"], row[f"{col}_std"] = tables.mean_std([x.get(col, math.nan) for x in runs])
+    for kind in tables.kind_rows(runs):  # per layer kind: silent ratio
+      for stat in ("mean", "std"):
+        row[f"silent_ratio/{kind['kind']}_{stat}"] = kind[f"silent_ratio_{stat}"]
     rows.append(row)
   return keys, rows
 
 
+def columns(rows: list[dict]) -> list[str]:
+  """The METRICS the grid's task has, the per-step peak flip ratio only for language
+  models (evaluated once) and the per-interval one only for image tasks."""
+  lm = bool(tables.present(rows, ("test_bits_per_byte",)))
+  drop = "peak_flip_ratio" if lm else "peak_step_flip_ratio"
+  return [c for c in tables.present(rows, METRICS) if c != drop]
+
+
+def kinds(rows: list[dict]) -> list[str]:
+  """The layer kinds the rows have a silent ratio for (`tables.layer_kind`)."""
+  return list(dict.fromkeys(k[len("silent_ratio/"):-len("_mean")] for r in rows for k in r
+                            if k.startswith("silent_ratio/") and k.endswith("_mean")))
+
+
 def markdown(keys: Sequence[str], rows: list[dict]) -> str:
-  """One table row per point; values in %, mean ± std over seeds."""
-  heads = ["final top-1", "best top-1", "silent ratio", "peak flips/epoch",
-           "SAD: silent (last step)", "AGS: scaled (last step)"]
-  lines = ["| " + " | ".join(list(keys) + ["seeds"] + heads) + " |",
-           "|---" * (len(keys) + 1 + len(heads)) + "|"]
+  """One table row per point (mean ± std over seeds; fractions in %), then, when
+  the layers have several kinds, the silent ratio per layer kind."""
+  cols = columns(rows)
+  heads = tables.headings(1)
+  lines = ["| " + " | ".join(list(keys) + ["seeds"] + [heads[c] for c in cols]) + " |",
+           "|---" * (len(keys) + 1 + len(cols)) + "|"]
   for r in rows:
-    cells = [_fmt(r[k]) for k in keys] + [str(r["n"])]
-    for col in METRICS:
-      digits = 1 if col in ("silent_ratio", "sad_silent_fraction", "ags_scaled_fraction") else 2
-      cells.append(tables.pct(r[f"{col}_mean"], r[f"{col}_std"], digits=digits))
+    cells = [_fmt(r[k]) for k in keys] + [str(r["n"])] + [tables.cell(r, c) for c in cols]
     lines.append("| " + " | ".join(cells) + " |")
+  names = kinds(rows)
+  if len(names) > 1:
+    lines += ["", "Silent ratio per layer kind (%, mean ± std over seeds):", "",
+              "| " + " | ".join(list(keys) + names) + " |",
+              "|---" * (len(keys) + len(names)) + "|"]
+    for r in rows:
+      cells = [_fmt(r[k]) for k in keys] + [
+          tables.pct(r.get(f"silent_ratio/{n}_mean", math.nan),
+                     r.get(f"silent_ratio/{n}_std", math.nan), 1) for n in names]
+      lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -163,8 +196,9 @@ def _numeric(values) -> bool:
 
 
 def plot(keys: Sequence[str], rows: list[dict], path, title: str = "") -> epath.Path:
-  """Silent ratio, final accuracy and peak flip ratio against the first axis,
-  one line per combination of the other axes (error bars: std over seeds)."""
+  """Silent ratio, final accuracy (language models: test bits per byte) and peak
+  flip ratio against the first axis, one line per combination of the other axes
+  (error bars: std over seeds)."""
   # pylint: disable=g-import-not-at-top
   from ovsw_jax.repro import plots
   plt = plots.plt
@@ -172,6 +206,12 @@ def plot(keys: Sequence[str], rows: list[dict], path, title: str = "") -> epath.
   xs_all = [r[x_key] for r in rows]
   numeric = _numeric(xs_all)
   categories = list(dict.fromkeys(_fmt(x) for x in xs_all))
+  lm = bool(tables.present(rows, ("test_bits_per_byte",)))
+  panels = (("silent_ratio", "silent ratio (%)", 100),
+            ("test_bits_per_byte", "test bits per byte", 1) if lm else
+            ("final_accuracy", "test top-1, final (%)", 100),
+            ("peak_step_flip_ratio", "peak flip ratio per step (%)", 100) if lm else
+            ("peak_flip_ratio", "peak flip ratio per epoch (%)", 100))
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
   lines: dict[str, list[dict]] = {}
   for r in rows:
@@ -179,14 +219,13 @@ def plot(keys: Sequence[str], rows: list[dict], path, title: str = "") -> epath.
   for i, (label, line) in enumerate(lines.items()):
     line = sorted(line, key=lambda r: r[x_key] if numeric else categories.index(_fmt(r[x_key])))
     x = [r[x_key] if numeric else categories.index(_fmt(r[x_key])) for r in line]
-    for ax, col in zip(axes, ("silent_ratio", "final_accuracy", "peak_flip_ratio")):
-      mean = np.array([r[f"{col}_mean"] for r in line]) * 100
-      std = np.nan_to_num(np.array([r[f"{col}_std"] for r in line]) * 100)
+    for ax, (col, _, scale) in zip(axes, panels):
+      mean = np.array([r[f"{col}_mean"] for r in line]) * scale
+      std = np.nan_to_num(np.array([r[f"{col}_std"] for r in line]) * scale)
       ax.errorbar(x, mean, yerr=std, marker="o", ms=4, capsize=3, label=label or None,
                   color=f"C{i}")
   positive = numeric and all(x > 0 for x in xs_all)
-  for ax, name in zip(axes, ("silent ratio (%)", "test top-1, final (%)",
-                             "peak flip ratio per epoch (%)")):
+  for ax, (_, name, _) in zip(axes, panels):
     ax.set_title(name, fontsize=10)
     ax.set_xlabel(x_key)
     ax.grid(alpha=0.3)

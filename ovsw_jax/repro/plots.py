@@ -190,6 +190,31 @@ def plot_curves(runs: list[events.Run], scalars: dict, out_dir, prefix: str,
   return path
 
 
+def plot_step_curves(runs: list[events.Run], scalars: dict, out_dir,
+                     prefix: str) -> epath.Path:
+  """A run evaluated once (the language model): its per-step flip and oscillation
+  ratios (docs/method.md section 11) and training bits per byte, every arm."""
+  panels = (("train_step_flip_ratio", "weights that change level, per step (%)", 100.0),
+            ("train_step_oscillation_ratio", "... reversing their previous change (%)", 100.0),
+            ("train_bits_per_byte", "training bits per byte", 1.0))
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+  for i, (arm, arm_runs) in enumerate(_by_arm(runs).items()):
+    for ax, (tag, _, scale) in zip(axes, panels):
+      _draw(ax, _curve(arm_runs, scalars, tag, None), arm, i, scale=scale)
+  for ax, (_, title, _) in zip(axes, panels):
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+  axes[0].set_yscale("log")
+  axes[1].set_yscale("log")
+  axes[2].legend(fontsize=8, loc="upper right")
+  fig.tight_layout()
+  path = epath.Path(out_dir, f"{prefix}curves.png")
+  save_figure(fig, path)
+  plt.close(fig)
+  return path
+
+
 def plot_ovsw_fractions(runs: list[events.Run], scalars: dict, out_dir,
                         prefix: str) -> epath.Path | None:
   """(c): SAD's silent fraction and AGS's scaled fraction against step."""
@@ -231,8 +256,11 @@ def write_plots(workdir, out_dir, layers: str | Sequence[str] | None = None,
     names = events.layer_names(next(iter(scalars.values())))
     spec = layers or "first,last"
     written += plot_histograms(group_runs, out_dir, prefix, spec)
-    written.append(plot_curves(group_runs, scalars, out_dir, prefix,
-                               layer=names[-1] if names else None))
+    if any("eval_accuracy" in x for x in scalars.values()):
+      written.append(plot_curves(group_runs, scalars, out_dir, prefix,
+                                 layer=names[-1] if names else None))
+    else:
+      written.append(plot_step_curves(group_runs, scalars, out_dir, prefix))
     fractions = plot_ovsw_fractions(group_runs, scalars, out_dir, prefix)
     if fractions is not None:
       written.append(fractions)

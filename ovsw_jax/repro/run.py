@@ -1,13 +1,17 @@
 """Trains the four arms of the silent-weight study over several seeds, then tabulates and plots.
 
-  python -m ovsw_jax.repro.run --workdir=DIR [--seeds=3] [--dataset=digits|cifar10]
-      [--arms=vanilla,ags,sad,ovsw] [--group=NAME] [--set=ovsw.delta=0.1 ...]
+  python -m ovsw_jax.repro.run --workdir=DIR [--seeds=3]
+      [--dataset=digits|cifar10|lm_stdlib] [--arms=vanilla,ags,sad,ovsw]
+      [--group=NAME] [--set=ovsw.delta=0.1 ...]
 
 Arms (paper Fig. 1 and its ablation): vanilla BNN (AGS and SAD off), AGS
 only, SAD only, OvSW (both), each with the same model, data and recipe.
 'digits' is the embedded default (`configs/default.py`); 'cifar10' is the
 release's ResNet-20 recipe (`configs/cifar10_resnet20.py`) and needs a tfds
-data set prepared in `--set=data_dir=...`. `--set` overrides any config field.
+data set prepared in `--set=data_dir=...`; 'lm_stdlib' is the language model
+on the running Python's standard library (`configs/lm_stdlib.py`). An arm is
+the config's `:ARG` with `+` for its commas (`binary+ovsw` is
+`configs/lm_stdlib.py:binary,ovsw`). `--set` overrides any config field.
 
 Every run is a training workdir `DIR/<group>/<arm>/seed<k>` (group defaults
 to the data set's name) holding `metrics.jsonl`, TensorBoard events, checkpoints, `run.json`,
@@ -34,7 +38,7 @@ from absl import app, flags, logging
 import ml_collections
 
 _ROOT = pathlib.Path(__file__).resolve().parents[2]
-CONFIG_MODULES = {"digits": "default", "cifar10": "cifar10_resnet20"}
+CONFIG_MODULES = {"digits": "default", "cifar10": "cifar10_resnet20", "lm_stdlib": "lm_stdlib"}
 # What the study changes in every config: an eval (and flip-ratio interval)
 # per epoch, dense logging of SAD's and AGS's fractions, one kept checkpoint.
 STUDY_OVERRIDES = {"eval_every_epochs": 1, "log_every_steps": 10, "keep_checkpoints": 1}
@@ -43,13 +47,14 @@ FLAGS = flags.FLAGS
 
 
 def load_config(dataset: str, arm: str) -> ml_collections.ConfigDict:
-  """The config of `dataset` (see CONFIG_MODULES) with the `arm` switch applied."""
+  """The config of `dataset` (see CONFIG_MODULES) with the `arm` switch applied
+  (`+` separates the words of a config argument: `binary+ovsw`)."""
   if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
   if dataset not in CONFIG_MODULES:
     raise ValueError(f"dataset must be one of {sorted(CONFIG_MODULES)}, got {dataset!r}")
   module = importlib.import_module(f"configs.{CONFIG_MODULES[dataset]}")
-  return module.get_config(arm)
+  return module.get_config(arm.replace("+", ","))
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, object]:
@@ -99,13 +104,13 @@ def train_one(config: ml_collections.ConfigDict, path, info: dict) -> dict:
   Returns the final metrics. Skips the training if result.json exists.
   """
   # pylint: disable=g-import-not-at-top
-  from ovsw_jax.trainer import input_pipeline, train
+  from ovsw_jax.trainer import tasks, train
   from ovsw_jax.repro import snapshot
   path = epath.Path(path)
   result_file = path / "result.json"
   if result_file.exists():
     return json.loads(result_file.read_text())
-  input_pipeline.get_info(config)  # a missing data set fails here, before any file
+  _ = tasks.create(config).num_train  # a missing data set fails here, before any file
   path.mkdir(parents=True, exist_ok=True)
   (path / "run.json").write_text(json.dumps(info, indent=1))
   start = time.time()
@@ -114,6 +119,16 @@ def train_one(config: ml_collections.ConfigDict, path, info: dict) -> dict:
   snapshot.export_weights(config, path)
   result_file.write_text(json.dumps(result, indent=1))
   return result
+
+
+def headline(result: dict) -> str:
+  """A finished run's main figures for the console: accuracy or bits per byte, silent ratio."""
+  if "eval_accuracy" in result:
+    main = f"test accuracy {result['eval_accuracy']:.4f}"
+  else:
+    main = f"test bits/byte {result['eval_test_bits_per_byte']:.4f}"
+  return (f"{main}, silent ratio {result.get('silent_ratio', float('nan')):.4f} "
+          f"({result.get('train_seconds', 0.0):.0f} s)")
 
 
 def run_study(workdir, *, dataset: str = "digits", arms: Sequence[str] = (
@@ -135,9 +150,7 @@ def run_study(workdir, *, dataset: str = "digits", arms: Sequence[str] = (
               "overrides": {k: v for k, v in overrides.items()
                             if not isinstance(v, (list, tuple))}}
       result = train_one(config, path, info)
-      print(f"[{group}] {arm} seed {seed}: test accuracy "
-            f"{result['eval_accuracy']:.4f}, silent ratio {result['silent_ratio']:.4f} "
-            f"({result.get('train_seconds', 0.0):.0f} s)", flush=True)
+      print(f"[{group}] {arm} seed {seed}: {headline(result)}", flush=True)
   group_dir = epath.Path(workdir, group)
   if report:
     write_report(group_dir)

@@ -1,7 +1,7 @@
 """OvSW's strengths for another run length, from the summed learning rate.
 
   python -m ovsw_jax.repro.strengths [--dataset=digits] [--reference_set=KEY=VALUE ...]
-      [--exponent=0.5] --set=KEY=VALUE ...
+      [--reference_dataset=NAME] [--exponent=0.5] --set=KEY=VALUE ...
 
 Both transforms act once per step and their effect scales with the step
 size: AGS moves a channel by about `lr * delta * ||w||` per step, SAD shrinks a
@@ -22,8 +22,10 @@ root of the summed step sizes, not like their sum.
 
 The reference is the data set's config (`--reference_set` changes it, e.g. to
 the strengths scaled for this data set); the target is the reference with
-`--set` applied. It prints both sums, the ratio and the two `--config.ovsw`
-flags to use.
+`--set` applied. With `--reference_dataset` the reference is that data set's
+config and the target `--dataset`'s (with `--set`): a first guess for a new
+task from a measured one, e.g. the language model from the digits default.
+It prints both sums, the ratio and the two `--config.ovsw` flags to use.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ EXPONENT = 0.5
 
 def steps_per_epoch(config) -> int:
   """As the trainer counts them: training examples // global batch size."""
-  from ovsw_jax.trainer import input_pipeline  # pylint: disable=g-import-not-at-top
-  return max(input_pipeline.get_info(config).num_train // config.batch_size, 1)
+  from ovsw_jax.trainer import tasks  # pylint: disable=g-import-not-at-top
+  return max(tasks.create(config).num_train // config.batch_size, 1)
 
 
 def summed_learning_rate(config, steps_per_epoch_: int | None = None) -> float:
@@ -77,9 +79,13 @@ def main(argv):
   from absl import flags
   from ovsw_jax.repro import run as run_lib
   f = flags.FLAGS
-  reference = run_lib.apply_overrides(run_lib.load_config(f.dataset, "ovsw"),
-                                      run_lib.parse_overrides(f.reference_set))
-  target = run_lib.apply_overrides(reference, run_lib.parse_overrides(f.set))
+  reference = run_lib.apply_overrides(
+      run_lib.load_config(f.reference_dataset or f.dataset, "ovsw"),
+      run_lib.parse_overrides(f.reference_set))
+  target = (run_lib.apply_overrides(reference, run_lib.parse_overrides(f.set))
+            if not f.reference_dataset else
+            run_lib.apply_overrides(run_lib.load_config(f.dataset, "ovsw"),
+                                    run_lib.parse_overrides(f.set)))
   m = matched_strengths(target, reference, exponent=f.exponent)
   print(f"reference: delta {reference.ovsw.delta:g}, dampen_weight "
         f"{reference.ovsw.dampen_weight:g}, summed learning rate {m['reference_summed_lr']:.4g}")
@@ -93,6 +99,8 @@ if __name__ == "__main__":
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   from ovsw_jax.repro import run as _run
   flags.DEFINE_enum("dataset", "digits", sorted(_run.CONFIG_MODULES), "Data set and config.")
+  flags.DEFINE_string("reference_dataset", None, "The reference's data set and config, if "
+                      "not --dataset's (e.g. digits for a first language-model run).")
   flags.DEFINE_multi_string("reference_set", [], "Override of the reference config KEY=VALUE.")
   flags.DEFINE_multi_string("set", [], "Override of the target run KEY=VALUE, e.g. num_epochs=160.")
   flags.DEFINE_float("exponent", EXPONENT, "Strengths scale as (S_ref / S) ** exponent.")

@@ -3,6 +3,7 @@
   python -m ovsw_jax.repro.sweep --workdir=DIR --group=NAME
       [--grid=KEY=V1,V2,... ...] [--seeds=1] [--epochs=40] [--arm=ovsw]
       [--dataset=digits] [--set=KEY=VALUE ...] [--dry_run] [--report_only] [--out=DIR]
+      [--shard=I/N]
 
 Each `--grid` is one axis (see `grid.parse_axis`): `ovsw.delta=0.01,0.05`,
 linked fields `optimizer/learning_rate=sgd/0.1,adam/1e-3`, or the arm
@@ -14,7 +15,12 @@ column AGS only and the corner the vanilla BNN.
 
 Every (point, seed) is a training workdir `DIR/<group>/<point>/seed<k>`
 (finished points are skipped, interrupted ones resume, so the command can be
-rerun). `--set` applies to every point before the point's own fields.
+rerun), trained seed-major (every point's seed 0 first). `--shard=I/N` trains
+every N-th run from the I-th: N such workers share the grid (then
+`--report_only`); on a small CPU host one worker per core with
+`XLA_FLAGS='--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'`
+and `taskset` trains small models faster in all than one worker on every core.
+`--set` applies to every point before the point's own fields.
 Writes to `--out` (default `DIR/<group>/report`): `grid.csv`, `grid.md` and
 `grid.png` (one row per point, mean and std over seeds; metrics against the
 first axis), the per-point curves and tables of `run.write_report`, and for
@@ -202,10 +208,15 @@ def main(argv):
     overrides = run_lib.parse_overrides(f.set)
     if f.epochs:
       overrides = {"num_epochs": f.epochs, **overrides}
+    index, _, count = f.shard.partition("/")
+    try:
+      shard = (int(index), int(count))
+    except ValueError:
+      raise app.UsageError(f"--shard={f.shard!r}: use I/N, e.g. --shard=0/2.") from None
     grid.run_grid(f.workdir, f.group, axes, seeds=range(f.seeds), dataset=f.dataset,
-                  arm=f.arm, overrides=overrides, dry_run=f.dry_run)
-    if f.dry_run:
-      return
+                  arm=f.arm, overrides=overrides, dry_run=f.dry_run, shard=shard)
+    if f.dry_run or shard[1] > 1:
+      return  # a shard's worker leaves the report to a --report_only run after all
   for path in report_grid(group_dir, f.out or group_dir / "report"):
     print(path)
 
@@ -223,6 +234,8 @@ if __name__ == "__main__":
   flags.DEFINE_enum("dataset", "digits", sorted(run_lib.CONFIG_MODULES), "Data set and config.")
   flags.DEFINE_multi_string("set", [], "Config override KEY=VALUE for every point (repeatable).")
   flags.DEFINE_bool("dry_run", False, "Print the runs' directories and stop.")
+  flags.DEFINE_string("shard", "0/1", "I/N: train only the I-th of every N runs (N workers, "
+                      "e.g. one per core; then --report_only).")
   flags.DEFINE_bool("report_only", False, "Only (re)write the report of finished points.")
   flags.DEFINE_string("out", None, "Report directory (default: WORKDIR/GROUP/report).")
   flags.mark_flags_as_required(["workdir"])
