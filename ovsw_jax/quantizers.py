@@ -464,6 +464,59 @@ class Uniform(_Scaled):
 
 
 @dataclasses.dataclass(frozen=True)
+class Midrise(_Scaled):
+  """k-bit weights on the 2**k-level grid without zero, `(l + 1/2) * s`, straight through.
+
+  `l = clip(floor(w / s), -2**(k-1), 2**(k-1) - 1)`: every level is used (a
+  symmetric grid with a zero, `Uniform`, leaves one code unused, so its 2 bits
+  are ternary). 2 bits give `{-1.5, -0.5, 0.5, 1.5} * s` with the level changes
+  at 0 and +-s (DoReFa's and LQ-Nets' 2-bit weights). `scale_rule`: 'absmax'
+  (`s = max|w| / 2**(k-1)`, the largest weight on the top cell's edge) or
+  'absmean' (`s = mean|w| / 2**(k-2)`, the mean magnitude halfway up the grid:
+  `s = mean|w|` for 2 bits). `axis` as for `Ternary`.
+  """
+  bits: int = 2
+  scale_rule: str = "absmax"
+  axis: int | None = None
+
+  def __post_init__(self):
+    if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+      raise ValueError(f"Midrise(bits={self.bits!r}): give an int from 2 to 8.")
+    if self.scale_rule not in ("absmax", "absmean"):
+      raise ValueError(f"Midrise(scale_rule={self.scale_rule!r}): use 'absmax' or 'absmean'.")
+
+  @property
+  def planes(self) -> int:  # type: ignore[override]
+    return self.bits
+
+  @property
+  def half(self) -> int:
+    """2**(k-1): the levels are -half .. half - 1."""
+    return 2 ** (self.bits - 1)
+
+  def scale(self, x):
+    stat = _stat(x, self.scale_rule, self.axis)
+    s = stat / self.half if self.scale_rule == "absmax" else stat / (self.half / 2)
+    return jnp.maximum(s, SCALE_EPS)
+
+  def levels(self, x):
+    x32 = jax.lax.stop_gradient(x).astype(jnp.float32)
+    return jnp.clip(jnp.floor(x32 / self.scale(x)), -self.half, self.half - 1).astype(jnp.int8)
+
+  def __call__(self, x):
+    return straight_through(
+        lambda v: ((self.levels(v).astype(jnp.float32) + 0.5) * self.scale(v)).astype(v.dtype),
+        x)
+
+  def cells(self, x):
+    lv = self.levels(x)
+    s = self.scale(x)
+    low = jnp.where(lv > -self.half, lv.astype(jnp.float32) * s, -jnp.inf)
+    high = jnp.where(lv < self.half - 1, (lv.astype(jnp.float32) + 1) * s, jnp.inf)
+    return low, high
+
+
+@dataclasses.dataclass(frozen=True)
 class Int8PerToken(_Scaled):
   """`int8_per_token`: BitNet's activation quantizer (levels -128..127 per row)."""
   bits: ClassVar[int] = 8
@@ -489,16 +542,19 @@ _NAMES = {
 
 
 def names() -> list[str]:
-  """The short names `get` accepts (`uniform<k>` for k = 2..8, `_absmean` optional)."""
-  return sorted(_NAMES) + ["uniform<k>", "uniform<k>_absmean"]
+  """The short names `get` accepts (`uniform<k>`, `midrise<k>` for k = 2..8, `_absmean`
+  optional)."""
+  return sorted(_NAMES) + ["uniform<k>", "uniform<k>_absmean", "midrise<k>",
+                           "midrise<k>_absmean"]
 
 
 def get(spec: "str | Quantizer | None") -> "Quantizer | None":
   """A quantizer from a short name (larq's style) or itself; None stays None.
 
   Names: 'sign' (= 'ste_sign'), 'approx_sign', 'ternary' (BitNet b1.58),
-  'twn', 'uniform<k>' (k-bit absmax, k = 2..8), 'uniform<k>_absmean', 'int8'
-  (per-token activations). Per-channel scales: the objects, e.g.
+  'twn', 'uniform<k>' (k-bit absmax, k = 2..8), 'uniform<k>_absmean',
+  'midrise<k>' and 'midrise<k>_absmean' (2**k levels, no zero: `Midrise`),
+  'int8' (per-token activations). Per-channel scales: the objects, e.g.
   `Ternary(axis=-1)`.
 
   >>> get('uniform4')
@@ -509,9 +565,10 @@ def get(spec: "str | Quantizer | None") -> "Quantizer | None":
   if isinstance(spec, str):
     if spec in _NAMES:
       return _NAMES[spec]
-    m = re.fullmatch(r"uniform(\d+)(_absmean)?", spec)
-    if m and 2 <= int(m.group(1)) <= 8:
-      return Uniform(int(m.group(1)), "absmean" if m.group(2) else "absmax")
+    m = re.fullmatch(r"(uniform|midrise)(\d+)(_absmean)?", spec)
+    if m and 2 <= int(m.group(2)) <= 8:
+      grid = Uniform if m.group(1) == "uniform" else Midrise
+      return grid(int(m.group(2)), "absmean" if m.group(3) else "absmax")
   raise ValueError(
       f"quantizer {spec!r} is unknown: give one of {', '.join(names())} (k = 2..8), "
       "an ovsw_jax.quantizers.Quantizer, or None.")

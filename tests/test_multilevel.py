@@ -87,6 +87,59 @@ def test_values_levels_and_straight_through_gradient(spec, axis, ref):
     assert len(np.unique(np.round(scale.ravel(), 6))) == W.shape[axis]
 
 
+def ref_midrise(w, bits, rule, axis):
+  """(levels, scale) of the 2**k-level grid without zero, values (l + 1/2) s, float64."""
+  w = np.asarray(w, np.float64)
+  half = 2 ** (bits - 1)
+  a = np.abs(w)
+  ax = reduce_axes(w, axis)
+  s = a.max(axis=ax, keepdims=True) / half if rule == "absmax" else (
+      a.mean(axis=ax, keepdims=True) / (half / 2))
+  s = np.maximum(s, 1e-5)
+  return np.clip(np.floor(w / s), -half, half - 1), s
+
+
+@pytest.mark.parametrize("spec,bits,rule,axis", [
+    ("midrise2", 2, "absmax", None), ("midrise2_absmean", 2, "absmean", None),
+    ("midrise3", 3, "absmax", None), (qz.Midrise(2, "absmean", axis=-1), 2, "absmean", -1)],
+    ids=str)
+def test_midrise_uses_every_level_of_its_bits_and_passes_the_gradient_straight(
+    spec, bits, rule, axis):
+  q = qz.get(spec)
+  levels, scale = ref_midrise(W, bits, rule, axis)
+
+  @jax.jit
+  def run(w, cot):
+    value, pull = jax.vjp(q, w)
+    low, high = q.cells(w)
+    return q.levels(w), value, pull(cot)[0], low, high, q.pack(w)
+
+  got, value, grad, low, high, packed = run(jnp.asarray(W), jnp.asarray(COT))
+  np.testing.assert_array_equal(got, levels)
+  assert set(np.unique(levels)) == set(range(-2 ** (bits - 1), 2 ** (bits - 1)))  # no code unused
+  np.testing.assert_allclose(np.asarray(value), (levels + 0.5) * scale, rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(np.asarray(grad), COT)
+  # Each weight lies in its level's cell, whose edges are multiples of the scale.
+  w = W.astype(np.float64)
+  assert np.all((np.asarray(low) <= w + 1e-6) & (w < np.asarray(high) + 1e-6))
+  finite = np.isfinite(np.asarray(low))
+  np.testing.assert_allclose(np.asarray(low)[finite], (levels * scale)[finite], rtol=1e-5)
+  assert q.planes == q.bits == bits
+  np.testing.assert_array_equal(bitpack.unpack_levels(packed, W.shape), levels)
+
+
+def test_midrise_two_bit_boundaries_by_hand_and_bad_arguments():
+  w = np.array([0.1, -0.4, 0.9, -1.6, 3.0], np.float32)  # mean |w| = 1.2 = s (2-bit absmean)
+  q = qz.get("midrise2_absmean")
+  np.testing.assert_array_equal(q.levels(w), [0, -1, 0, -2, 1])
+  np.testing.assert_allclose(q(w), [0.6, -0.6, 0.6, -1.8, 1.8], rtol=1e-6)
+  # Level changes at 0 and +-1.2: the nearest to each weight (ties up).
+  np.testing.assert_allclose(q.boundary(w), [0.0, 0.0, 1.2, -1.2, 1.2], rtol=1e-6)
+  for bad in (dict(bits=1), dict(bits=9), dict(scale_rule="max")):
+    with pytest.raises(ValueError, match="Midrise"):
+      qz.Midrise(**bad)
+
+
 def test_a_ternary_kernel_has_three_levels_and_the_bitnet_scale():
   w = np.array([[0.5, -1.0], [0.25, 0.25]], np.float32)  # mean |w| = 0.5
   np.testing.assert_array_equal(ow.quantizers.get("ternary").levels(w), [[1, -1], [0, 0]])
