@@ -66,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.ovsw.dampen_weight = 2e-5
   c.ovsw.track_momentum = 0.999
   c.ovsw.track_threshold = 1e-4
+  c.ovsw.toward = "zero"       # SAD's pull: 'zero' (the release) or 'boundary' (method.md §10).
   # Instruments (ovsw_jax/metrics.py): also count level reversals, Nagel et al.'s
   # oscillations (`train_step_oscillation_ratio`); adds 0.25 bytes per binary weight.
   c.track_oscillation = False

@@ -17,9 +17,14 @@ With these release strengths OvSW halves the silent ratio here (87% -> 45%); the
 paper's near-zero silent ratio needs strengths scaled to this short run:
 --config.ovsw.delta=0.12 --config.ovsw.dampen_weight=0.009 (1.2% silent, 99.35%
 top-1 over 3 seeds; docs/results.md explains why).
+Kernels (`:ARG` words, with the arms'): binary (the default, the release's 1-bit
+convs), ternary (BitNet b1.58's levels) or 2bit (4 levels, `midrise2_absmean`);
+activations stay 1-bit, so only the weights' levels change (docs/results.md §8).
 """
 
 from configs import common
+
+KERNELS = {"binary": None, "ternary": "ternary", "2bit": "midrise2_absmean"}
 
 
 def get_config(arg=None):
@@ -43,4 +48,13 @@ def get_config(arg=None):
   c.log_every_steps = 100
   c.eval_every_epochs = 1
   c.checkpoint_every_steps = 500
-  return common.apply_arg(c, arg)
+  words = [w for w in (arg or "").split(",") if w]
+  allowed = tuple(KERNELS) + common.ARMS + ("runlocal",)
+  for word in words:
+    if word not in allowed:
+      raise ValueError(f"Unknown config arg {word!r}: use any of {allowed}, comma-separated.")
+  c = common.apply_arg(c, ",".join(w for w in words if w not in KERNELS))
+  kernel = [KERNELS[w] for w in words if w in KERNELS]
+  if kernel and kernel[-1] is not None:  # binary: the release's convs, the config unchanged
+    c.model_kwargs.kernel_quantizer = kernel[-1]
+  return c

@@ -107,3 +107,14 @@ def test_config_passes_the_checks_on_the_usual_device_counts(path):
 def test_float32_configs_compute_float32_matmuls(path):
   """TPUs and recent GPUs would otherwise run float32 convolutions as bf16 passes or TF32."""
   assert load_config(path).matmul_precision == "highest"
+
+
+def test_the_default_config_takes_a_kernel_word():
+  binary = load_config(CONFIG_DIR / "default.py", "binary,ovsw")
+  assert "kernel_quantizer" not in binary.model_kwargs  # the release's convs, the record unchanged
+  ternary = load_config(CONFIG_DIR / "default.py", "ternary,vanilla")
+  assert ternary.model_kwargs.kernel_quantizer == "ternary" and not ternary.ovsw.sad
+  smoke = load_config(CONFIG_DIR / "default.py", "runlocal,2bit")
+  assert smoke.model == "tiny" and smoke.model_kwargs.kernel_quantizer == "midrise2_absmean"
+  with pytest.raises(ValueError, match="'ternary', '2bit'"):
+    load_config(CONFIG_DIR / "default.py", "3bit")

@@ -308,3 +308,49 @@ def test_bn_axis_name_averages_statistics_across_devices():
     got = _flat(p_updates["batch_stats"])[k]
     np.testing.assert_allclose(got[0], v, rtol=1e-4, atol=1e-5, err_msg=k)
     np.testing.assert_allclose(got[1], v, rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+@pytest.mark.parametrize("kernel,levels", [("ternary", {-1, 0, 1}),
+                                           ("midrise2_absmean", {-2, -1, 0, 1})])
+def test_resnet20_with_ternary_or_2bit_kernels_keeps_its_parameters_and_changes_only_levels(
+    kernel, levels):
+  from ovsw_jax import layers, quantizers  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 1))
+  binary = MODELS["resnet20"](num_classes=10, widths=(8, 16), blocks_per_stage=1)
+  kbit = MODELS["resnet20"](num_classes=10, widths=(8, 16), blocks_per_stage=1,
+                            kernel_quantizer=kernel)
+  vb = binary.init(jax.random.PRNGKey(0), x, train=False)
+  vk = kbit.init(jax.random.PRNGKey(0), x, train=False)
+  # Same parameter tree and initial values (the same Kaiming init under the same paths).
+  assert jax.tree_util.tree_structure(vb) == jax.tree_util.tree_structure(vk)
+  for a, b in zip(jax.tree.leaves(vb), jax.tree.leaves(vk)):
+    np.testing.assert_array_equal(a, b)
+  found = layers.kernel_quantizers(kbit, x, train=False)
+  assert sorted(found) == sorted(layers.kernel_quantizers(binary, x, train=False))
+  assert all(q == quantizers.get(kernel) for q in found.values())
+  seen = set()
+  for path, q in found.items():
+    node = vk["params"]
+    for part in path.split("/"):
+      node = node[part]
+    seen |= set(np.unique(np.asarray(q.levels(node))).tolist())
+  assert seen == levels
+  # A block conv computes QuantConv's convolution of the 1-bit input with the k-bit kernel.
+  w = vk["params"]["layer1_0"]["conv1"][LATENT_KERNEL]
+  h = jax.random.normal(jax.random.PRNGKey(2), (2, 8, 8, 8))
+  want = jax.lax.conv_general_dilated(
+      jnp.where(h >= 0, 1.0, -1.0) * (h != 0), quantizers.get(kernel)(w), (1, 1),
+      ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=jax.lax.Precision.HIGHEST)
+  from ovsw_jax.models.common import block_conv  # pylint: disable=g-import-not-at-top
+
+  class One(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return block_conv(8, kernel, name="conv1")(x, True)
+
+  got = One().apply({"params": {"conv1": {LATENT_KERNEL: w}}}, h)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  out_b = binary.apply(vb, x, train=False)
+  out_k = kbit.apply(vk, x, train=False)
+  assert out_k.shape == out_b.shape and not np.allclose(out_k, out_b)

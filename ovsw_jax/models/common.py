@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ovsw_jax.layers import BinaryConv
+from ovsw_jax.layers import BinaryConv, QuantConv, kaiming_normal_fan_in
 
 Dtype = Any
 
@@ -146,3 +146,23 @@ class PReLU(nn.Module):
                        (x.shape[-1],), self.param_dtype)
     slope = slope.astype(x.dtype)
     return jnp.where(x > 0, x, slope * x)
+
+
+def block_conv(features: int, kernel_quantizer: Any = None, *, strides: int = 1,
+               dtype: Dtype = jnp.float32, name: str) -> Callable[[jax.Array, bool], jax.Array]:
+  """A residual block's 3x3 quantized conv, called as `conv(x, train)`.
+
+  `kernel_quantizer=None`: the release's `BinaryConv` (1-bit kernel scaled per
+  output channel, 1-bit inputs). A quantizer name or object (e.g. 'ternary',
+  'midrise2_absmean'): a bias-free `QuantConv` with that kernel, the same 1-bit
+  inputs (`approx_sign`) and init, under the same parameter path
+  (`<name>/latent_kernel`), so that only the weights' levels change between
+  the two (docs/method.md §10). Call it inside a compact module's `__call__`.
+  """
+  if kernel_quantizer is None:
+    binary = BinaryConv(features, (3, 3), strides=strides, padding=1, dtype=dtype, name=name)
+    return lambda x, train: binary(x, train=train)
+  conv = QuantConv(features, (3, 3), strides=strides, padding=1, use_bias=False, dtype=dtype,
+                   kernel_init=kaiming_normal_fan_in, kernel_quantizer=kernel_quantizer,
+                   input_quantizer="approx_sign", name=name)
+  return lambda x, train: conv(x)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from ovsw_jax.layers import BinaryConv
 from ovsw_jax.models.common import (BatchNorm, ProjectionShortcut,
-                                    avgpool_zeropad_shortcut, conv_fp,
+                                    avgpool_zeropad_shortcut, block_conv, conv_fp,
                                     global_avg_pool, hardtanh)
 
 Dtype = Any
@@ -52,19 +52,20 @@ class BasicBlockCifar(nn.Module):
   strides: int = 1
   dtype: Dtype = jnp.float32
   bn_axis_name: str | None = None
+  kernel_quantizer: Any = None  # None: 1-bit (the release); else `common.block_conv`'s
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     bn = functools.partial(BatchNorm, use_running_average=not train,
                            axis_name=self.bn_axis_name, dtype=self.dtype)
-    conv = functools.partial(BinaryConv, self.features, (3, 3), padding=1,
+    conv = functools.partial(block_conv, self.features, self.kernel_quantizer,
                              dtype=self.dtype)
     shortcut = x
     if self.strides != 1 or x.shape[-1] != self.features:
       shortcut = avgpool_zeropad_shortcut(x, self.features, self.strides)
-    out = bn(name="bn1")(conv(strides=self.strides, name="conv1")(x, train=train))
+    out = bn(name="bn1")(conv(strides=self.strides, name="conv1")(x, train))
     out = hardtanh(out + shortcut)
-    y = bn(name="bn2")(conv(strides=1, name="conv2")(out, train=train))
+    y = bn(name="bn2")(conv(strides=1, name="conv2")(out, train))
     return hardtanh(y + out)
 
 
@@ -83,12 +84,16 @@ class ResNetCifar(nn.Module):
     dtype: compute dtype (parameters stay float32).
     bn_axis_name: pmap/shard_map axis over which BatchNorm averages its batch
       statistics in training, or None for per-device statistics.
+    kernel_quantizer: None for the release's 1-bit convs, or the quantizer of
+      every block conv's kernel (e.g. 'ternary', 'midrise2_absmean'; inputs stay
+      1-bit), for the ternary and k-bit studies (`common.block_conv`).
   """
   num_classes: int
   widths: Sequence[int] = (16, 32, 64)
   blocks_per_stage: int | Sequence[int] = 3
   dtype: Dtype = jnp.float32
   bn_axis_name: str | None = None
+  kernel_quantizer: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -101,6 +106,7 @@ class ResNetCifar(nn.Module):
       for j in range(n):
         x = BasicBlockCifar(width, strides=2 if i > 0 and j == 0 else 1,
                             dtype=self.dtype, bn_axis_name=self.bn_axis_name,
+                            kernel_quantizer=self.kernel_quantizer,
                             name=f"layer{i + 1}_{j}")(x, train=train)
     x = bn(name="bn2")(global_avg_pool(x))
     x = nn.Dense(self.num_classes, dtype=self.dtype, name="linear")(x)
