@@ -194,7 +194,7 @@ def write_lm_run(path, arm, seed, test_bpb, flips, oscillations, silent):
             "train_step_oscillation_ratio": o} for i, (f, o) in enumerate(zip(flips, oscillations))]
   lines.append({"step": 100 * len(flips), "kind": "eval", "eval_bits_per_byte": test_bpb + 0.01,
                 "eval_test_bits_per_byte": test_bpb, "epoch": 0.4,
-                "silent_ratio": float(np.mean(list(silent.values()))),
+                "silent_ratio": float(np.mean(list(silent.values()))) if silent else 0.0,
                 **{f"silent_ratio/{k}": v for k, v in silent.items()}})
   (path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
   (path / "run.json").write_text(json.dumps({"arm": arm, "seed": seed, "point": {"arm": arm}}))
@@ -227,11 +227,18 @@ def test_language_model_tables_read_bits_per_byte_oscillations_and_layer_kinds(t
                for a, _, _, _, s in runs if a == r["arm"]]
     assert float(r["silent_ratio_mean"]) == pytest.approx(np.mean(per_run), rel=1e-5)
     assert float(r["silent_ratio_std"]) == pytest.approx(np.std(per_run, ddof=1), rel=1e-4)
+  # A float twin (no quantized layer) logs a silent ratio of 0 over no weights: not a figure.
+  write_lm_run(tmp_path / "g" / "float" / "seed0", "float", 0, 2.36, [0.0], [0.0], {})
+  tables.write_tables(tmp_path, tmp_path / "out")
+  twin = [r for r in read_csv(tmp_path / "out" / "g_runs.csv") if r["arm"] == "float"][0]
+  assert float(twin["test_bits_per_byte"]) == pytest.approx(2.36)
+  assert all(math.isnan(float(twin[c])) for c in (
+      "silent_ratio", "peak_step_flip_ratio", "oscillation_per_flip"))
   md = (tmp_path / "out" / "g_summary.md").read_text()
   assert "test bits/byte" in md and "oscillations / flips" in md and "top-1" not in md
   assert "per layer kind" in md and "| block/mlp/up |" in md
   keys, rows = grid.collect(tmp_path / "g")
-  assert keys == ["arm"] and [r["n"] for r in rows] == [2, 2]
+  assert keys == ["arm"] and [r["n"] for r in rows] == [2, 2, 1]
   table = grid.markdown(keys, rows)
   assert "test bits/byte" in table and "peak flip ratio per step" in table
   assert "block/attn/q" in table and "per epoch" not in table

@@ -69,12 +69,15 @@ def summarize_run(run: events.Run, scalars: dict | None = None) -> dict:
   else:
     raise ValueError(f"{run.path} has no evaluation logged (eval_accuracy or "
                      f"eval_test_bits_per_byte; did the run finish one?).")
-  row["silent_ratio"] = _last(s, "silent_ratio")
+  # A run with no quantized layer (a float twin) logs a silent ratio of 0 over no
+  # weights: not a figure.
+  tracked = bool(events.layer_names(s))
+  row["silent_ratio"] = _last(s, "silent_ratio") if tracked else math.nan
   epochs = s["epoch"][1] if "epoch" in s else np.arange(1, len(evals) + 1, dtype=float)
   row["final_epoch"] = float(epochs[-1])
   row["eval_interval_epochs"] = (float(np.median(np.diff(np.concatenate([[0.0], epochs]))))
                                  if len(epochs) else math.nan)
-  if "flip_ratio" in s:
+  if "flip_ratio" in s and tracked:
     flips = s["flip_ratio"][1]
     i = int(np.argmax(flips))
     row["peak_flip_ratio"] = float(flips[i])
@@ -82,8 +85,8 @@ def summarize_run(run: events.Run, scalars: dict | None = None) -> dict:
   else:
     row["peak_flip_ratio"] = row["peak_flip_epoch"] = math.nan
   row["peak_step_flip_ratio"] = (float(np.max(s["train_step_flip_ratio"][1]))
-                                 if "train_step_flip_ratio" in s else math.nan)
-  row["oscillation_per_flip"] = _oscillation_per_flip(s)
+                                 if "train_step_flip_ratio" in s and tracked else math.nan)
+  row["oscillation_per_flip"] = _oscillation_per_flip(s) if tracked else math.nan
   row["sad_silent_fraction"] = _last(s, "silent_fraction")
   row["ags_scaled_fraction"] = _last(s, "scaled_fraction")
   for layer in events.layer_names(s):
