@@ -1,7 +1,8 @@
 """Times the language model's train step: quantized against its float twin, OvSW's own share.
 
   python -m benchmarks.lm_step [--batch=16] [--context=64] [--width=128] [--depth=2]
-      [--steps=20] [--repeats=3] [--kernels=ternary,binary]
+      [--steps=20] [--repeats=3] [--kernels=ternary,binary] [--opts=vanilla,ovsw]
+      [--no_update]
 
 Arms, in one process on the same batch, one step of each in turn (A B C A B C
 ...), medians and paired ratios as `benchmarks.train_step`:
@@ -9,7 +10,9 @@ Arms, in one process on the same batch, one step of each in turn (A B C A B C
 * float: the float twin (`configs/lm_stdlib.py:float,vanilla`): plain matmuls;
 * <kernel>-vanilla: ternary (b1.58) or binary (sign * mean|w|) linears on int8
   per-token inputs, AGS and SAD off;
-* <kernel>-ovsw: the same with AGS and SAD (as `configs/lm_stdlib.py` trains).
+* <kernel>-ovsw: the same with AGS and SAD (as `configs/lm_stdlib.py` trains);
+  `--opts=vanilla,ags,sad,ovsw` adds <kernel>-ags and <kernel>-sad (one transform
+  each), so the whole-step cost of each transform is measured too.
 
 Goals (docs/performance.md): a quantized step within 1.10x of the float twin's;
 OvSW's share of its step (ovsw vs vanilla of the same kernels) under 2%.
@@ -95,8 +98,16 @@ def main(argv=None) -> dict:
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--kernels", default="ternary,binary")
+  parser.add_argument("--opts", default="vanilla,ovsw",
+                      help="optimizer arms per kernel: vanilla and ovsw, and ags, sad")
+  parser.add_argument("--no_update", action="store_true",
+                      help="skip the optimizer-update-alone timings")
   args = parser.parse_args(argv)
-  arms = ["float"] + [f"{k}-{o}" for k in args.kernels.split(",") for o in ("vanilla", "ovsw")]
+  opts = args.opts.split(",")
+  if "vanilla" not in opts or "ovsw" not in opts or not set(opts) <= {
+      "vanilla", "ags", "sad", "ovsw"}:
+    parser.error(f"--opts={args.opts}: give vanilla, ovsw and optionally ags, sad")
+  arms = ["float"] + [f"{k}-{o}" for k in args.kernels.split(",") for o in opts]
   built = {arm: build(arm, args) for arm in arms}
   times = time_interleaved(built, arms, args.steps, args.repeats)
   tokens = args.batch * args.context
@@ -118,6 +129,14 @@ def main(argv=None) -> dict:
     out[f"{kernel}_ovsw_share"] = round(1 - 1 / r, 4)
     print(f"  {kernel} OvSW's share of its step: {100 * (1 - 1 / r):.2f}% "
           f"(ovsw / vanilla {r:.3f}x, quartiles {lo:.3f}-{hi:.3f}; goal < 2%)")
+    for opt in ("ags", "sad"):
+      if opt in opts:
+        r, lo, hi = paired_ratio(times, f"{kernel}-{opt}", f"{kernel}-vanilla")
+        out[f"{kernel}_{opt}_share"] = round(1 - 1 / r, 4)
+        print(f"  {kernel} {opt.upper()} alone, share of its step: {100 * (1 - 1 / r):.2f}% "
+              f"({opt} / vanilla {r:.3f}x, quartiles {lo:.3f}-{hi:.3f})")
+    if args.no_update:
+      continue
     upd = update_times(args, kernel)
     out.update({f"{kernel}_update_{k}_ms": round(v, 3) for k, v in upd.items()})
     added = upd["ovsw"] - upd["vanilla"]

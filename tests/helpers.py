@@ -114,3 +114,17 @@ def final_state(config, workdir):
   from ovsw_jax.trainer import checkpointing, train  # pylint: disable=g-import-not-at-top
   manager = checkpointing.create_manager(f"{workdir}/checkpoints")
   return checkpointing.restore_latest(manager, train.setup(config).initial_state)
+
+
+def fake_stdlib(folder, n=40):
+  """A `Lib` folder: n modules, a test module, a non-Python file and a subpackage."""
+  folder.mkdir(parents=True, exist_ok=True)
+  for i in range(n):
+    (folder / f"mod{i:02d}.py").write_text(
+        f'"""Module {i}."""\n\n' + "".join(f"def f{j}(x):\n    return x * {i} + {j}\n"
+                                         for j in range(i % 7 + 1)))
+  (folder / "test_me.py").write_text("assert False\n")
+  (folder / "notes.txt").write_text("not python\n")
+  (folder / "pkg").mkdir(exist_ok=True)
+  (folder / "pkg" / "inner.py").write_text("x = 1\n")
+  return folder

@@ -10,27 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import final_state, load_config, signalled_after
+from helpers import fake_stdlib, final_state, load_config, signalled_after
 from ovsw_jax import metrics, quantizers
 from ovsw_jax.models import transformer
 from ovsw_jax.optim import binary_weight_mask
 from ovsw_jax.trainer import checkpointing, parallel, preemption, train, workdir
 from ovsw_jax.trainer.data import stdlib_text
 from ovsw_jax.trainer.tasks import language_model
-
-
-def fake_stdlib(folder, n=40):
-  """A `Lib` folder: n modules, a test module, a non-Python file and a subpackage."""
-  folder.mkdir(parents=True, exist_ok=True)
-  for i in range(n):
-    (folder / f"mod{i:02d}.py").write_text(
-        f'"""Module {i}."""\n\n' + "".join(f"def f{j}(x):\n    return x * {i} + {j}\n"
-                                         for j in range(i % 7 + 1)))
-  (folder / "test_me.py").write_text("assert False\n")
-  (folder / "notes.txt").write_text("not python\n")
-  (folder / "pkg").mkdir(exist_ok=True)
-  (folder / "pkg" / "inner.py").write_text("x = 1\n")
-  return folder
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import pathlib
 import numpy as np
 import pytest
 
+from helpers import fake_stdlib
 from ovsw_jax.repro import events, grid, memory, plots, run, snapshot, strengths, sweep, tables
 
 ARMS = ("vanilla", "ags", "sad", "ovsw")
@@ -247,8 +248,10 @@ def test_language_model_tables_read_bits_per_byte_oscillations_and_layer_kinds(t
 @pytest.mark.slow
 def test_a_language_model_grid_point_trains_through_the_study_tools(tmp_path):
   axes = [grid.parse_axis("arm=ternary+vanilla+runlocal,binary+ovsw+runlocal")]
+  small = {"log_every_steps": 2, "corpus_dir": str(fake_stdlib(tmp_path / "Lib")),
+           "model_kwargs.width": 16, "model_kwargs.context": 8}
   group_dir = grid.run_grid(tmp_path, "lm", axes, dataset="lm_stdlib", shard=(1, 2),
-                            overrides={"log_every_steps": 2})
+                            overrides=small)
   # Only the second run (shard 1 of 2) trained; its weights were snapshotted.
   assert [p.name for p in pathlib.Path(group_dir).iterdir()] == ["arm=binary+ovsw+runlocal"]
   run_dir = pathlib.Path(group_dir, "arm=binary+ovsw+runlocal", "seed0")
