@@ -110,13 +110,17 @@ def plot_histograms(runs: list[events.Run], out_dir, prefix: str,
       ax.set_xlabel("initial latent weight")
       ax.legend(fontsize=8, loc="upper right")
     axes[0][0].set_ylabel("count")
-    fig.suptitle(f"{layer}: weights that never changed sign", fontsize=10)
-    fig.tight_layout()
-    path = epath.Path(out_dir, f"{prefix}hist_{layer.replace('/', '_')}.png")
-    save_figure(fig, path)
-    plt.close(fig)
-    written.append(path)
+    fig.suptitle(f"{layer}: weights that never changed level", fontsize=10)
+    written.append(_finish(fig, epath.Path(out_dir, f"{prefix}hist_{layer.replace('/', '_')}.png")))
   return written
+
+
+def _finish(fig, path: epath.Path) -> epath.Path:
+  """Lays out, saves and closes `fig`; returns `path`."""
+  fig.tight_layout()
+  save_figure(fig, path)
+  plt.close(fig)
+  return path
 
 
 def _curve(runs: list[events.Run], scalars: dict, tag: str, x_tag: str | None):
@@ -183,11 +187,7 @@ def plot_curves(runs: list[events.Run], scalars: dict, out_dir, prefix: str,
     ax.set_xlabel("epoch")
     ax.grid(alpha=0.3)
   axes[2].legend(fontsize=8, loc="lower right")
-  fig.tight_layout()
-  path = epath.Path(out_dir, f"{prefix}curves.png")
-  save_figure(fig, path)
-  plt.close(fig)
-  return path
+  return _finish(fig, epath.Path(out_dir, f"{prefix}curves.png"))
 
 
 def plot_step_curves(runs: list[events.Run], scalars: dict, out_dir,
@@ -208,11 +208,7 @@ def plot_step_curves(runs: list[events.Run], scalars: dict, out_dir,
   axes[0].set_yscale("log")
   axes[1].set_yscale("log")
   axes[2].legend(fontsize=8, loc="upper right")
-  fig.tight_layout()
-  path = epath.Path(out_dir, f"{prefix}curves.png")
-  save_figure(fig, path)
-  plt.close(fig)
-  return path
+  return _finish(fig, epath.Path(out_dir, f"{prefix}curves.png"))
 
 
 def plot_ovsw_fractions(runs: list[events.Run], scalars: dict, out_dir,
@@ -233,11 +229,7 @@ def plot_ovsw_fractions(runs: list[events.Run], scalars: dict, out_dir,
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=8, loc="best")
-  fig.tight_layout()
-  path = epath.Path(out_dir, f"{prefix}ovsw_fractions.png")
-  save_figure(fig, path)
-  plt.close(fig)
-  return path
+  return _finish(fig, epath.Path(out_dir, f"{prefix}ovsw_fractions.png"))
 
 
 def write_plots(workdir, out_dir, layers: str | Sequence[str] | None = None,
