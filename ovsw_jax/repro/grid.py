@@ -212,7 +212,7 @@ def plot(keys: Sequence[str], rows: list[dict], path, title: str = "") -> epath.
             ("final_accuracy", "test top-1, final (%)", 100),
             ("peak_step_flip_ratio", "peak flip ratio per step (%)", 100) if lm else
             ("peak_flip_ratio", "peak flip ratio per epoch (%)", 100))
-  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6 if numeric else 4.4))
   lines: dict[str, list[dict]] = {}
   for r in rows:
     lines.setdefault(", ".join(f"{k}={_fmt(r[k])}" for k in others), []).append(r)
@@ -222,7 +222,9 @@ def plot(keys: Sequence[str], rows: list[dict], path, title: str = "") -> epath.
     for ax, (col, _, scale) in zip(axes, panels):
       mean = np.array([r[f"{col}_mean"] for r in line]) * scale
       std = np.nan_to_num(np.array([r[f"{col}_std"] for r in line]) * scale)
+      # Categories are not a scale: no line joins them.
       ax.errorbar(x, mean, yerr=std, marker="o", ms=4, capsize=3, label=label or None,
+                  ls="-" if numeric else "none",
                   color=f"C{i}")
   positive = numeric and all(x > 0 for x in xs_all)
   for ax, (_, name, _) in zip(axes, panels):
@@ -230,7 +232,7 @@ def plot(keys: Sequence[str], rows: list[dict], path, title: str = "") -> epath.
     ax.set_xlabel(x_key)
     ax.grid(alpha=0.3)
     if not numeric:
-      ax.set_xticks(range(len(categories)), categories)
+      ax.set_xticks(range(len(categories)), categories, rotation=35, ha="right", fontsize=8)
     elif positive and max(xs_all) / min(xs_all) > 20:
       ax.set_xscale("log")
   if any(lines):

@@ -90,10 +90,12 @@ def plot_histograms(runs: list[events.Run], out_dir, prefix: str,
     if weights is None:
       logging.warning("No weights.npz (nor config.json) in %s: no histogram.", run.path)
       continue
-    snaps[arm] = (run, weights)
+    if weights:  # a float twin has no quantized layer to draw
+      snaps[arm] = (run, weights)
   if not snaps:
     return []
-  layer_list = sorted(next(iter(snaps.values()))[1], key=events.natural_key)
+  common = set.intersection(*(set(w) for _, w in snaps.values()))
+  layer_list = sorted(common, key=events.natural_key)
   written = []
   for layer in choose_layers(layer_list, layers):
     fig, axes = plt.subplots(1, len(snaps), figsize=(4.2 * len(snaps), 3.2),
