@@ -212,7 +212,10 @@ def main(argv):
     try:
       shard = (int(index), int(count))
     except ValueError:
-      raise app.UsageError(f"--shard={f.shard!r}: use I/N, e.g. --shard=0/2.") from None
+      shard = (-1, 0)
+    if not 0 <= shard[0] < shard[1]:
+      raise app.UsageError(f"--shard={f.shard!r}: use I/N with 0 <= I < N, e.g. --shard=0/2 "
+                           "and --shard=1/2 for two workers.")
     grid.run_grid(f.workdir, f.group, axes, seeds=range(f.seeds), dataset=f.dataset,
                   arm=f.arm, overrides=overrides, dry_run=f.dry_run, shard=shard)
     if f.dry_run or shard[1] > 1:
