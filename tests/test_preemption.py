@@ -136,3 +136,42 @@ def test_evaluate_stops_before_the_next_batch_and_returns_no_partial_figures():
   stop = lambda: asked.append(1) or len(asked) >= 2  # the request comes after one batch
   assert train.evaluate(eval_step, "state", task, 120, scheme, stop) is None
   assert len(calls) == 1 and len(asked) == 2
+
+
+STUCK_IN_C = r'''
+import ctypes, threading
+from ovsw_jax.trainer import preemption
+preemption.install_stack_dump()
+def churn():  # threads that come and go while the stacks are printed
+  while True:
+    t = threading.Thread(target=lambda: None)
+    t.start()
+    t.join()
+threading.Thread(target=churn, name="churn", daemon=True).start()
+libc = ctypes.CDLL(None)
+mutex = ctypes.create_string_buffer(64)  # a zeroed pthread mutex (PTHREAD_MUTEX_INITIALIZER)
+libc.pthread_mutex_lock(mutex)
+print("ready", flush=True)
+libc.pthread_mutex_lock(mutex)  # locked twice: the main thread waits in C for ever
+'''
+
+
+def test_sigquit_prints_every_threads_stack_while_the_main_thread_is_stuck_in_c():
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from helpers import ROOT  # pylint: disable=g-import-not-at-top
+  proc = subprocess.Popen([sys.executable, "-c", STUCK_IN_C], cwd=ROOT, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  try:
+    assert proc.stdout.readline().strip() == "ready"
+    for _ in range(10):  # stack dumps while threads start and exit
+      proc.send_signal(signal.SIGQUIT)
+      time.sleep(0.2)
+    time.sleep(1.0)
+    assert proc.poll() is None  # neither crashed nor ended by SIGQUIT's default action
+  finally:
+    proc.kill()
+    _, err = proc.communicate(timeout=60)
+  assert err.count("most recent call first") >= 10 * 2, err[-2000:]  # main + printer, each time
+  assert 'File "<string>", line 15 in <module>' in err  # the main thread, in the second lock
+  assert "Fatal Python error" not in err and "Segmentation" not in err

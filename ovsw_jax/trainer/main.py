@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import faulthandler
 import os
 import pathlib
 import sys
@@ -183,7 +182,7 @@ def main(argv):
   # From here to the process's end: stop signals ask for a save, SIGQUIT
   # prints every thread's stack (what a stuck run is waiting for).
   preemption.install(stop_signals)
-  faulthandler.register(preemption.STACK_DUMP_SIGNAL, all_threads=True)
+  preemption.install_stack_dump()
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   _quiet_orbax()
   if not _multi_process_requested():

@@ -14,7 +14,8 @@ SIGINT is back to the system's default action, so the second ends the process
 waits in C++. A save in progress is then left incomplete; orbax writes into a
 temporary folder, so the next start ignores it and resumes from the last
 complete checkpoint. SIGQUIT (`STACK_DUMP_SIGNAL`, Ctrl-\\) prints every
-thread's stack and the run goes on; no scheduler uses it as a warning.
+thread's stack and the run goes on (`install_stack_dump`); no scheduler uses it
+as a warning.
 
 Where the loop looks (`Preemption.should_stop`): after every train step and
 before every evaluation batch, so a request during an evaluation ends it (its
@@ -43,10 +44,12 @@ signal both directly and from its parent stops once.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
 import os
 import signal
 import sys
+import threading
 from typing import Iterable, Iterator
 
 # Exit status of a run that was asked to stop and saved its state: the
@@ -154,6 +157,37 @@ def install(signals: Iterable[signal.Signals] = ALWAYS) -> dict:
   previous = {s: signal.signal(s, _handle) for s in signals}
   _handled = signals
   return previous
+
+
+def install_stack_dump(signum: signal.Signals = STACK_DUMP_SIGNAL) -> threading.Thread:
+  """From now on `signum` prints every thread's Python stack to stderr; returns the printer.
+
+  Not `faulthandler.register(signum, all_threads=True)`: that walks the other
+  threads' states inside the C signal handler, without the GIL, and a thread that
+  exits meanwhile is freed under it: a run crashed there (a segfault in the test
+  suite, about one CI run in six). Here Python's C-level handler only writes the
+  signal's number to a pipe (`signal.set_wakeup_fd`), and a daemon thread reading
+  the pipe prints the stacks (`faulthandler.dump_traceback`) holding the GIL, when
+  no thread can come or go. The main thread need not run Python for it: a run
+  stuck in C++ (a collective, a device wait) has released the GIL, and the stacks
+  still come. The wakeup pipe gets every Python-handled signal's number; the
+  printer ignores the others. Main thread only (ValueError otherwise); once per
+  process (it takes the process's wakeup fd).
+  """
+  read_fd, write_fd = os.pipe()
+  os.set_blocking(write_fd, False)  # set_wakeup_fd's requirement: a signal never blocks
+  signal.signal(signum, lambda s, f: None)  # a Python handler: the C handler then writes
+  signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+  def print_stacks():
+    with os.fdopen(read_fd, "rb", buffering=0) as pipe:
+      while data := pipe.read(512):
+        if int(signum) in data:
+          faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+
+  printer = threading.Thread(target=print_stacks, name="stack-dump", daemon=True)
+  printer.start()
+  return printer
 
 
 @contextlib.contextmanager
