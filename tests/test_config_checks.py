@@ -204,7 +204,8 @@ def test_highest_precision_changes_no_bit_on_cpu():
 
 @pytest.mark.slow
 def test_cli_errors_are_one_line_without_a_traceback(tmp_path):
-  """A bad value, a workdir that is a file and a config that does not parse."""
+  """A bad value, a workdir that is a file, a config that does not parse, an unknown
+  config argument and an override of a field the config does not have."""
   bad_file = tmp_path / "bad.py"
   bad_file.write_text("def get_config(:\n  pass\n")
   a_file = tmp_path / "a_file"
@@ -215,6 +216,11 @@ def test_cli_errors_are_one_line_without_a_traceback(tmp_path):
       f"--workdir={a_file} is a file, not a directory": [f"--workdir={a_file}"],
       f"the config file {bad_file} does not parse: line 1": [f"--config={bad_file}",
                                                              f"--workdir={tmp_path}/wd"],
+      "--config: ValueError: Unknown config arg '3bit': use any of ('binary', 'ternary'": [
+          f"--config={ROOT}/configs/default.py:3bit", f"--workdir={tmp_path}/wd"],
+      "the config has no field 'no_such_field' (overrides given: --config.no_such_field)": [
+          f"--config={ROOT}/configs/default.py", f"--workdir={tmp_path}/wd",
+          "--config.no_such_field=1"],
   }
   for expected, args in cases.items():
     proc = module_command("ovsw_jax.main", args)

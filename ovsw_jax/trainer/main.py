@@ -206,10 +206,31 @@ def main(argv):
     logging.info("Final: %s", {k: v for k, v in result.items() if "/" not in k})
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with two more errors as one `error:` line: a config file's
+  own (an unknown `:ARG` word; ml_collections hands it over inside the text of a
+  traceback, the file's error on its last line), and an override of a field the
+  config does not have (an AttributeError out of ml_collections)."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if "Error whilst parsing config file" in str(e) and lines:
+      sys.exit(f"error: --config: {lines[-1]}")
+    sys.stderr.write(f"FATAL Flags parsing error: {e}\n"  # absl's own message
+                     "Pass --helpshort or --helpfull to see help on flags.\n")
+    sys.exit(1)
+  except AttributeError as e:
+    given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    name = str(e).strip("\"'")  # AttributeError(KeyError('name'))
+    sys.exit(f"error: the config has no field '{name}' (overrides given: {', '.join(given)}); "
+             "configs/common.py lists every field.")
+
+
 def run() -> None:
   """Parses the command line and trains (`python -m ovsw_jax.main`)."""
   try:
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
   except SyntaxError as e:
     if FLAGS.is_parsed():  # raised by the run, not while absl loaded the --config file
       raise
