@@ -154,14 +154,6 @@ def collect(group_dir) -> tuple[list[str], list[dict]]:
   return keys, rows
 
 
-def columns(rows: list[dict]) -> list[str]:
-  """The METRICS the grid's task has, the per-step peak flip ratio only for language
-  models (evaluated once) and the per-interval one only for image tasks."""
-  lm = bool(tables.present(rows, ("test_bits_per_byte",)))
-  drop = "peak_flip_ratio" if lm else "peak_step_flip_ratio"
-  return [c for c in tables.present(rows, METRICS) if c != drop]
-
-
 def kinds(rows: list[dict]) -> list[str]:
   """The layer kinds the rows have a silent ratio for (`tables.layer_kind`)."""
   return list(dict.fromkeys(k[len("silent_ratio/"):-len("_mean")] for r in rows for k in r
@@ -171,7 +163,7 @@ def kinds(rows: list[dict]) -> list[str]:
 def markdown(keys: Sequence[str], rows: list[dict]) -> str:
   """One table row per point (mean ± std over seeds; fractions in %), then, when
   the layers have several kinds, the silent ratio per layer kind."""
-  cols = columns(rows)
+  cols = tables.task_columns(rows, METRICS)
   heads = tables.headings(1)
   lines = ["| " + " | ".join(list(keys) + ["seeds"] + [heads[c] for c in cols]) + " |",
            "|---" * (len(keys) + 1 + len(cols)) + "|"]
@@ -239,10 +231,7 @@ def plot(keys: Sequence[str], rows: list[dict], path, title: str = "") -> epath.
     axes[0].legend(fontsize=7, loc="best")
   if title:
     fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  path = plots.save_figure(fig, path)
-  plt.close(fig)
-  return epath.Path(path)
+  return plots.finish(fig, epath.Path(path))
 
 
 def write_report(group_dir, out_dir, prefix: str = "grid") -> list[epath.Path]:

@@ -254,9 +254,7 @@ def plot(summary: list[dict], path) -> None:
   ax.set_xticks(x)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  plots.save_figure(fig, path)
-  plt.close(fig)
+  plots.finish(fig, path)
 
 
 def main(argv):

@@ -45,6 +45,14 @@ def save_figure(fig, path) -> epath.Path:
   return path
 
 
+def finish(fig, path) -> epath.Path:
+  """Lays out, saves (`save_figure`) and closes `fig`; returns the file's path."""
+  fig.tight_layout()
+  path = save_figure(fig, path)
+  plt.close(fig)
+  return path
+
+
 def _color(arm: str, i: int) -> str:
   return COLORS.get(arm, f"C{(i + 4) % 10}")
 
@@ -113,16 +121,8 @@ def plot_histograms(runs: list[events.Run], out_dir, prefix: str,
       ax.legend(fontsize=8, loc="upper right")
     axes[0][0].set_ylabel("count")
     fig.suptitle(f"{layer}: weights that never changed level", fontsize=10)
-    written.append(_finish(fig, epath.Path(out_dir, f"{prefix}hist_{layer.replace('/', '_')}.png")))
+    written.append(finish(fig, epath.Path(out_dir, f"{prefix}hist_{layer.replace('/', '_')}.png")))
   return written
-
-
-def _finish(fig, path: epath.Path) -> epath.Path:
-  """Lays out, saves and closes `fig`; returns `path`."""
-  fig.tight_layout()
-  save_figure(fig, path)
-  plt.close(fig)
-  return path
 
 
 def _curve(runs: list[events.Run], scalars: dict, tag: str, x_tag: str | None):
@@ -189,7 +189,7 @@ def plot_curves(runs: list[events.Run], scalars: dict, out_dir, prefix: str,
     ax.set_xlabel("epoch")
     ax.grid(alpha=0.3)
   axes[2].legend(fontsize=8, loc="lower right")
-  return _finish(fig, epath.Path(out_dir, f"{prefix}curves.png"))
+  return finish(fig, epath.Path(out_dir, f"{prefix}curves.png"))
 
 
 def plot_step_curves(runs: list[events.Run], scalars: dict, out_dir,
@@ -210,7 +210,7 @@ def plot_step_curves(runs: list[events.Run], scalars: dict, out_dir,
   axes[0].set_yscale("log")
   axes[1].set_yscale("log")
   axes[2].legend(fontsize=8, loc="upper right")
-  return _finish(fig, epath.Path(out_dir, f"{prefix}curves.png"))
+  return finish(fig, epath.Path(out_dir, f"{prefix}curves.png"))
 
 
 def plot_ovsw_fractions(runs: list[events.Run], scalars: dict, out_dir,
@@ -231,7 +231,7 @@ def plot_ovsw_fractions(runs: list[events.Run], scalars: dict, out_dir,
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=8, loc="best")
-  return _finish(fig, epath.Path(out_dir, f"{prefix}ovsw_fractions.png"))
+  return finish(fig, epath.Path(out_dir, f"{prefix}ovsw_fractions.png"))
 
 
 def write_plots(workdir, out_dir, layers: str | Sequence[str] | None = None,

@@ -163,10 +163,7 @@ def plot_heatmap(rows: list[dict], path) -> epath.Path:
         if math.isfinite(grid[i, j]):
           ax.text(j, i, f"{100 * grid[i, j]:.1f}", ha="center", va="center", fontsize=8,
                   color="white" if grid[i, j] < middle else "black")
-  fig.tight_layout()
-  path = plots.save_figure(fig, path)
-  plt.close(fig)
-  return epath.Path(path)
+  return plots.finish(fig, path)
 
 
 def write_report(sweep_dir, out_dir) -> list[epath.Path]:

@@ -236,17 +236,21 @@ def present(rows: list[dict], columns: Sequence[str]) -> list[str]:
           if any(not math.isnan(r.get(f"{c}_mean", math.nan)) for r in rows)]
 
 
+def task_columns(rows: list[dict], columns: Sequence[str] = SUMMARY_COLUMNS) -> list[str]:
+  """The `columns` the rows' task has (accuracy for images, bits per byte for the
+  language model), with one peak flip ratio: per evaluation interval for image
+  tasks, per step for language models (evaluated once, their per-interval peak is
+  the whole run's)."""
+  lm = bool(present(rows, ("test_bits_per_byte",)))
+  drop = "peak_flip_ratio" if lm else "peak_step_flip_ratio"
+  return [c for c in present(rows, columns) if c != drop]
+
+
 def markdown_summary(summary: list[dict], layers: list[dict], interval: float,
                      kinds: list[dict] = ()) -> str:
-  """The arm table and the silent-ratio tables per layer and per layer kind, in Markdown.
-
-  The arm table has the columns some arm has (accuracy for images, bits per byte
-  for the language model); the per-step peak flip ratio only where the per-interval
-  one for language models (evaluated once: their per-interval peak is the whole run's).
-  """
-  per_step = "test_bits_per_byte" in present(summary, ("test_bits_per_byte",))
-  drop = "peak_flip_ratio" if per_step else "peak_step_flip_ratio"
-  columns = [c for c in present(summary, SUMMARY_COLUMNS) if c != drop]
+  """The arm table (`task_columns`) and the silent-ratio tables per layer and per
+  layer kind, in Markdown."""
+  columns = task_columns(summary)
   names = headings(interval)
   lines = ["| arm | seeds | " + " | ".join(names[c] for c in columns) + " |",
            "|---" * (len(columns) + 2) + "|"]
