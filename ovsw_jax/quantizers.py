@@ -429,25 +429,32 @@ class Ternary(_Scaled):
 
 
 @dataclasses.dataclass(frozen=True)
-class Uniform(_Scaled):
-  """k-bit symmetric uniform weights `{-q..q} * s`, `q = 2**(k-1) - 1`, straight through.
-
-  `scale`: 'absmax' (`s = max|w| / q`) or 'absmean' (`uniform_scale`);
-  `axis` as for `Ternary`. Levels are packed in k bit-planes (two's complement).
-  """
+class _KBit(_Scaled):
+  """A k-bit grid (`Uniform`, `Midrise`): `bits` from 2 to 8, a scale rule, an axis;
+  levels packed in k bit-planes (two's complement)."""
   bits: int = 4
   scale_rule: str = "absmax"
   axis: int | None = None
 
   def __post_init__(self):
+    name = type(self).__name__
     if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-      raise ValueError(f"Uniform(bits={self.bits!r}): give an int from 2 to 8.")
+      raise ValueError(f"{name}(bits={self.bits!r}): give an int from 2 to 8.")
     if self.scale_rule not in ("absmax", "absmean"):
-      raise ValueError(f"Uniform(scale_rule={self.scale_rule!r}): use 'absmax' or 'absmean'.")
+      raise ValueError(f"{name}(scale_rule={self.scale_rule!r}): use 'absmax' or 'absmean'.")
 
   @property
   def planes(self) -> int:  # type: ignore[override]
     return self.bits
+
+
+@dataclasses.dataclass(frozen=True)
+class Uniform(_KBit):
+  """k-bit symmetric uniform weights `{-q..q} * s`, `q = 2**(k-1) - 1`, straight through.
+
+  `scale`: 'absmax' (`s = max|w| / q`) or 'absmean' (`uniform_scale`);
+  `axis` as for `Ternary`. Levels are packed in k bit-planes (two's complement).
+  """
 
   @property
   def q(self) -> int:
@@ -464,7 +471,7 @@ class Uniform(_Scaled):
 
 
 @dataclasses.dataclass(frozen=True)
-class Midrise(_Scaled):
+class Midrise(_KBit):
   """k-bit weights on the 2**k-level grid without zero, `(l + 1/2) * s`, straight through.
 
   `l = clip(floor(w / s), -2**(k-1), 2**(k-1) - 1)`: every level is used (a
@@ -476,18 +483,6 @@ class Midrise(_Scaled):
   `s = mean|w|` for 2 bits). `axis` as for `Ternary`.
   """
   bits: int = 2
-  scale_rule: str = "absmax"
-  axis: int | None = None
-
-  def __post_init__(self):
-    if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-      raise ValueError(f"Midrise(bits={self.bits!r}): give an int from 2 to 8.")
-    if self.scale_rule not in ("absmax", "absmean"):
-      raise ValueError(f"Midrise(scale_rule={self.scale_rule!r}): use 'absmax' or 'absmean'.")
-
-  @property
-  def planes(self) -> int:  # type: ignore[override]
-    return self.bits
 
   @property
   def half(self) -> int:
