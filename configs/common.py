@@ -82,6 +82,22 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def split_kernel_word(arg: str | None, kernels) -> tuple[str | None, list[str]]:
+  """A config's `:ARG` split into its kernel word (the last of `kernels` given; None if
+  none) and the other words (the arms' and `runlocal`, for `apply_arg`).
+
+  Raises:
+    ValueError: a word that is neither, naming every word the config takes.
+  """
+  words = [w for w in (arg or "").split(",") if w]
+  allowed = tuple(kernels) + ARMS + ("runlocal",)
+  for word in words:
+    if word not in allowed:
+      raise ValueError(f"Unknown config arg {word!r}: use any of {allowed}, comma-separated.")
+  chosen = [w for w in words if w in kernels]
+  return (chosen[-1] if chosen else None), [w for w in words if w not in kernels]
+
+
 def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
   """Applies the `:ARG` switches (see module docstring)."""
   for word in filter(None, (arg or "").split(",")):

@@ -48,13 +48,8 @@ def get_config(arg=None):
   c.log_every_steps = 100
   c.eval_every_epochs = 1
   c.checkpoint_every_steps = 500
-  words = [w for w in (arg or "").split(",") if w]
-  allowed = tuple(KERNELS) + common.ARMS + ("runlocal",)
-  for word in words:
-    if word not in allowed:
-      raise ValueError(f"Unknown config arg {word!r}: use any of {allowed}, comma-separated.")
-  c = common.apply_arg(c, ",".join(w for w in words if w not in KERNELS))
-  kernel = [KERNELS[w] for w in words if w in KERNELS]
-  if kernel and kernel[-1] is not None:  # binary: the release's convs, the config unchanged
-    c.model_kwargs.kernel_quantizer = kernel[-1]
+  kernel, rest = common.split_kernel_word(arg, KERNELS)
+  c = common.apply_arg(c, ",".join(rest))
+  if kernel is not None and KERNELS[kernel] is not None:  # binary: the config unchanged
+    c.model_kwargs.kernel_quantizer = KERNELS[kernel]
   return c

@@ -66,16 +66,10 @@ def get_config(arg=None):
   c.log_every_steps = 100
   c.eval_every_epochs = 1000   # once, at the end (an exact pass reads ~0.9M tokens)
   c.checkpoint_every_steps = 500
-  rest = []
-  for word in filter(None, (arg or "").split(",")):
-    if word in KERNELS:
-      c.model_kwargs.kernel_quantizer = KERNELS[word]
-      c.model_kwargs.input_quantizer = None if word == "float" else "int8"
-    elif word in common.ARMS + ("runlocal",):
-      rest.append(word)
-    else:
-      raise ValueError(f"Unknown config arg {word!r}: use any of "
-                       f"{tuple(KERNELS) + common.ARMS + ('runlocal',)}, comma-separated.")
+  kernel, rest = common.split_kernel_word(arg, KERNELS)
+  if kernel is not None:
+    c.model_kwargs.kernel_quantizer = KERNELS[kernel]
+    c.model_kwargs.input_quantizer = None if kernel == "float" else "int8"
   c = common.apply_arg(c, ",".join(w for w in rest if w != "runlocal"))
   if "runlocal" in rest:
     c.num_train_steps = 4
