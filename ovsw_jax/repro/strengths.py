@@ -82,10 +82,8 @@ def main(argv):
   reference = run_lib.apply_overrides(
       run_lib.load_config(f.reference_dataset or f.dataset, "ovsw"),
       run_lib.parse_overrides(f.reference_set))
-  target = (run_lib.apply_overrides(reference, run_lib.parse_overrides(f.set))
-            if not f.reference_dataset else
-            run_lib.apply_overrides(run_lib.load_config(f.dataset, "ovsw"),
-                                    run_lib.parse_overrides(f.set)))
+  base = run_lib.load_config(f.dataset, "ovsw") if f.reference_dataset else reference
+  target = run_lib.apply_overrides(base, run_lib.parse_overrides(f.set))
   m = matched_strengths(target, reference, exponent=f.exponent)
   print(f"reference: delta {reference.ovsw.delta:g}, dampen_weight "
         f"{reference.ovsw.dampen_weight:g}, summed learning rate {m['reference_summed_lr']:.4g}")
