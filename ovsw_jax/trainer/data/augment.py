@@ -185,6 +185,20 @@ def decode_rgb(image) -> Image.Image:
   return Image.fromarray(array).convert('RGB')
 
 
+def crop_resize(image, box, size: int, flip: bool = False) -> np.ndarray:
+  """uint8 `(size, size, 3)`: the `box` (top, left, h, w) of `image`, resized, mirrored if `flip`.
+
+  Why: the release's `RandomResizedCrop` then `RandomHorizontalFlip` on a PIL
+  image: PIL's bilinear resize (which antialiases when it shrinks), in uint8.
+  """
+  top, left, h, w = (int(v) for v in box)
+  img = decode_rgb(image).crop((left, top, left + w, top + h))
+  img = img.resize((size, size), Image.BILINEAR)
+  if flip:
+    img = img.transpose(Image.FLIP_LEFT_RIGHT)
+  return np.asarray(img, np.uint8)
+
+
 def imagenet_train_transform(image, rng: np.random.Generator, image_size: int,
                              *, scale=(0.08, 1.25), lighting: str = 'alexnet',
                              alphastd: float = 0.1) -> np.ndarray:
@@ -192,7 +206,9 @@ def imagenet_train_transform(image, rng: np.random.Generator, image_size: int,
 
   Random resized crop to `image_size` (PIL bilinear, as torchvision), a coin
   flip, `ToTensor`, PCA lighting noise, normalisation. The rng is drawn in this
-  order: crop box, flip, lighting normals.
+  order: crop box, flip, lighting normals. The pipeline ships the uint8 part
+  (`crop_resize`) and leaves lighting and normalisation to the device; this is
+  the whole transform, the reference its tests compare with.
 
   Args:
     image: encoded bytes or a uint8 array.
@@ -205,15 +221,10 @@ def imagenet_train_transform(image, rng: np.random.Generator, image_size: int,
   Returns:
     `(image_size, image_size, 3)` float32, normalised.
   """
-  img = decode_rgb(image)
-  width, height = img.size
-  top, left, h, w = random_resized_crop_params(rng, height, width, scale=scale)
-  img = img.crop((left, top, left + w, top + h)).resize(
-      (image_size, image_size), Image.BILINEAR)
+  width, height = decode_rgb(image).size
+  box = random_resized_crop_params(rng, height, width, scale=scale)
   flip = rng.random() < 0.5
-  x = np.asarray(img, np.float32) / np.float32(255.0)
-  if flip:
-    x = x[:, ::-1]
+  x = crop_resize(image, box, image_size, flip).astype(np.float32) / np.float32(255.0)
   x = x + lighting_offset(rng, alphastd, lighting)
   return ((x - np.asarray(IMAGENET_MEAN, np.float32))
           / np.asarray(IMAGENET_STD, np.float32)).astype(np.float32)
@@ -240,13 +251,17 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
   return img.crop((left, top, left + size, top + size))
 
 
+def eval_pixels(image, image_size: int) -> np.ndarray:
+  """uint8 `(S, S, 3)`: the shorter side resized to `round(256 * S / 224)`, centre crop `S`."""
+  img = decode_rgb(image)
+  resize = int(round(256 * image_size / 224))
+  return np.asarray(center_crop(resize_shorter_side(img, resize), image_size), np.uint8)
+
+
 def imagenet_eval_transform(image, image_size: int) -> np.ndarray:
   """The release's ImageNet evaluation transform for one example.
 
   Resize the shorter side to `round(256 * image_size / 224)` (256 at 224),
   centre crop `image_size`, normalise. Returns float32 `(S, S, 3)`.
   """
-  img = decode_rgb(image)
-  resize = int(round(256 * image_size / 224))
-  img = center_crop(resize_shorter_side(img, resize), image_size)
-  return normalize(np.asarray(img, np.uint8), IMAGENET_MEAN, IMAGENET_STD)
+  return normalize(eval_pixels(image, image_size), IMAGENET_MEAN, IMAGENET_STD)

@@ -319,22 +319,28 @@ _TF_LOCK = threading.Lock()
 _TF_READY = False
 
 
-def import_tfds():
-  """Imports tensorflow_datasets with TensorFlow kept off the accelerators.
+def import_tensorflow():
+  """Imports TensorFlow with it kept off the accelerators; returns the module.
 
-  Why: tf.data only reads files here; if TensorFlow saw the GPUs it would
-  reserve their memory, which JAX needs.
+  Why: tf.data only reads and decodes here; if TensorFlow saw the GPUs it
+  would reserve their memory, which JAX needs.
   """
   global _TF_READY
   with _TF_LOCK:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     if not _TF_READY:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
       try:
         tf.config.set_visible_devices([], 'GPU')
         tf.config.set_visible_devices([], 'TPU')
       except (RuntimeError, ValueError):
         pass  # Already initialised (or no such device type): nothing to hide.
       _TF_READY = True
+  return tf
+
+
+def import_tfds():
+  """Imports tensorflow_datasets, TensorFlow first (`import_tensorflow`)."""
+  import_tensorflow()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   return tfds
 

@@ -30,8 +30,8 @@ from PIL import Image
 
 
 def _tf():
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  return tf
+  from ovsw_jax.trainer.data import sources  # pylint: disable=g-import-not-at-top
+  return sources.import_tensorflow()
 
 
 def encoded_size(image) -> tuple[int, int]:
