@@ -25,9 +25,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.tfds_name = ml_collections.config_dict.placeholder(str)  # default: per dataset.
   c.image_size = 224           # ImageNet crop size.
   c.imagenet_lighting = "alexnet"  # ImageNet PCA lighting: "alexnet", "release" or "none".
-  c.imagenet_decoder = "tf"    # ImageNet: "tf" (crop-window decode, uint8) or "pil".
+  c.imagenet_decoder = "tf"    # ImageNet: "tf" (crop-window decode) or "pil" (the release's).
   c.augment = True
-  c.num_workers = ml_collections.config_dict.placeholder(int)  # decode workers; None: auto.
+  # ImageNet's data workers (processes; 0: this process), TensorFlow decode threads per
+  # worker and concurrent record reads per batch; None scales with the host's CPUs.
+  c.data_workers = ml_collections.config_dict.placeholder(int)
+  c.decode_threads = ml_collections.config_dict.placeholder(int)
+  c.read_threads = ml_collections.config_dict.placeholder(int)
   c.prefetch = 2               # batches prepared ahead of the train step.
   # Model (see ovsw_jax/models).
   c.model = "resnet20"

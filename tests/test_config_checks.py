@@ -24,7 +24,8 @@ NONSENSE = [
     ("batch_size", 0), ("batch_size", -64), ("eval_batch_size", 0), ("log_every_steps", 0),
     ("eval_every_epochs", 0), ("eval_every_epochs", -1), ("keep_checkpoints", 0),
     ("warmup_epochs", -1), ("momentum", 1.0), ("momentum", -0.5), ("weight_decay", -5e-4),
-    ("label_smoothing", 1.0), ("seed", -1), ("prefetch", -1), ("num_workers", 0),
+    ("label_smoothing", 1.0), ("seed", -1), ("prefetch", -1), ("data_workers", -1),
+    ("decode_threads", 0), ("read_threads", 0),
     ("end_learning_rate", -1.0), ("adamw_decay", -1.0), ("image_size", 0),
     ("matmul_precision", "fp32"), ("matmul_precision", "HIGHEST"),
 ]
@@ -50,7 +51,8 @@ def test_a_nonsense_value_is_one_message_naming_the_field_and_the_fix(field, val
 @pytest.mark.parametrize("field,value", [
     ("num_train_steps", -1), ("num_train_steps", 1), ("learning_rate", 1e8),
     ("warmup_epochs", 0), ("momentum", 0.0), ("weight_decay", 0.0), ("label_smoothing", 0.1),
-    ("num_workers", 1), ("prefetch", 0), ("num_epochs", 1),
+    ("data_workers", 0), ("decode_threads", 1), ("read_threads", 1), ("prefetch", 0),
+    ("num_epochs", 1),
     *[("matmul_precision", p) for p in config_checks.MATMUL_PRECISIONS]])
 def test_edge_values_that_mean_something_pass(field, value):
   config_checks.check_values(default_config(**{field: value}))

@@ -10,8 +10,8 @@ One test also builds a tiny real array_record dataset with a custom builder, to
 exercise `tfds.data_source` on real files and threads without mocks.
 """
 
-import concurrent.futures
 import io
+import threading
 import time
 
 import ml_collections
@@ -23,8 +23,10 @@ import tensorflow_datasets as tfds
 from ovsw_jax.trainer import input_pipeline as ip
 from ovsw_jax.trainer.data import augment as aug
 from ovsw_jax.trainer.data import device
+from ovsw_jax.trainer.data import imagenet
 from ovsw_jax.trainer.data import tf_images
 from ovsw_jax.trainer.data import sources
+import tiny_images
 
 MOCK_EXAMPLES = 20  # With global batch 8: 2 steps per epoch, 3 eval batches.
 
@@ -49,7 +51,9 @@ def any_config(request, tmp_path):
     return
   extra = {'image_size': 24} if name == 'imagenet2012' else {}
   with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
-    yield _config(name, data_dir=str(tmp_path), num_workers=2, **extra)
+    # ImageNet in this process (data_workers=0): tests/test_data_workers.py covers the
+    # worker processes.
+    yield _config(name, data_dir=str(tmp_path), data_workers=0, decode_threads=2, **extra)
 
 
 def _take(iterator, n):
@@ -360,31 +364,6 @@ def test_unprepared_dataset_raises_quickly_with_instructions(name, tmp_path):
     assert 'download_and_prepare()' in message
 
 
-class OvswTinyImages(tfds.core.GeneratorBasedBuilder):
-  """Seven random PNG images of various sizes (5 in validation), 5 classes."""
-
-  VERSION = tfds.core.Version('1.0.0')
-
-  def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        'image': tfds.features.Image(shape=(None, None, 3), encoding_format='png'),
-        'label': tfds.features.ClassLabel(num_classes=5)}))
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {'train': self._generate_examples(7, 0),
-            'validation': self._generate_examples(5, 100)}
-
-  def _generate_examples(self, n, offset):
-    for i in range(n):
-      yield i, {'image': tiny_image(i + offset), 'label': (i + offset) % 5}
-
-
-def tiny_image(key):
-  rng = np.random.default_rng(key)
-  return rng.integers(0, 256, (20 + key % 7, 30 - key % 5, 3), dtype=np.uint8)
-
-
 def _pil_eval_pixels(image, size):
   """The release's eval transform before normalisation, in PIL (the reference)."""
   img = aug.decode_rgb(image)
@@ -394,9 +373,8 @@ def _pil_eval_pixels(image, size):
 
 def test_real_array_record_dataset(tmp_path):
   data_dir = str(tmp_path)
-  OvswTinyImages(data_dir=data_dir, file_format='array_record').download_and_prepare()
-  config = _config('imagenet2012', tfds_name='ovsw_tiny_images', data_dir=data_dir,
-                   image_size=16, num_workers=3)
+  config = _config('imagenet2012', tfds_name=tiny_images.prepare(data_dir), data_dir=data_dir,
+                   image_size=16, data_workers=0, decode_threads=3)
   info = ip.get_info(config)
   assert (info.num_train, info.num_eval, info.image_shape) == (7, 5, (16, 16, 3))
   full = _take(ip.train_iterator(config, global_batch_size=2, seed=4), 5)
@@ -404,7 +382,7 @@ def test_real_array_record_dataset(tmp_path):
                                     start_step=4), 1)
   _assert_batches_equal(full[4:], resumed)
   # The decode threads do not change a batch.
-  config.num_workers = 1
+  config.decode_threads = 1
   _assert_batches_equal(full, _take(ip.train_iterator(config, global_batch_size=2, seed=4), 5))
   evals = list(ip.eval_iterator(config, global_batch_size=4, process_index=1,
                                 process_count=2))
@@ -412,7 +390,8 @@ def test_real_array_record_dataset(tmp_path):
   # Eval images are the release's transform (PIL, the reference) of the stored
   # lossless images, up to the resize's rounding: match each to the nearest
   # reference, since tfds shuffles examples when it writes them.
-  expected = [(_pil_eval_pixels(tiny_image(k), 16).astype(int), k % 5) for k in range(100, 105)]
+  expected = [(_pil_eval_pixels(tiny_images.tiny_image(k), 16).astype(int), k % 5)
+              for k in range(100, 105)]
   for image, label in zip(evals[0]['image'], evals[0]['label']):
     errors = [np.abs(image.astype(int) - ref).mean() for ref, _ in expected]
     best = int(np.argmin(errors))
@@ -423,20 +402,12 @@ def test_imagenet_examples_get_their_own_randomness():
   """Identical images at different batch positions get different crops."""
   img = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
   records = [{'image': img, 'label': 3}] * 6
-  info = ip.DatasetInfo('imagenet2012', 1000, (16, 16, 3), 6, 6)
-  dataset = ip._SourceDataset(info, records, records, image_size=16,
-                              lighting='alexnet', workers=2)
+  batches = imagenet.ImageNetBatches(records, records, 16, read_threads=3, decode_threads=2)
   positions = np.arange(6)
-  with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    batch = dataset.train_batch(
-        np.zeros(6, int), seed=0, step=0, global_batch_size=6,
-        positions=positions, augment=True, pool=pool)
-    later = dataset.train_batch(
-        np.zeros(6, int), seed=0, step=1, global_batch_size=6,
-        positions=positions, augment=True, pool=pool)
-    plain = dataset.train_batch(
-        np.zeros(2, int), seed=0, step=0, global_batch_size=6,
-        positions=positions[:2], augment=False, pool=pool)
+  batch = batches.train(np.zeros(6, int), seed=0, step=0, positions=positions)
+  later = batches.train(np.zeros(6, int), seed=0, step=1, positions=positions)
+  plain = batches.train(np.zeros(2, int), seed=0, step=0, positions=positions[:2],
+                        augment=False)
   assert batch['label'].tolist() == [3] * 6
   assert len({batch['image'][k].tobytes() for k in range(6)}) == 6
   assert len({batch['rgb_offset'][k].tobytes() for k in range(6)}) == 6
@@ -445,31 +416,131 @@ def test_imagenet_examples_get_their_own_randomness():
   assert np.abs(plain['image'][0].astype(int) - reference).mean() < 3.0
 
 
+def _smooth_jpeg():
+  """A smooth JPEG, so that JPEG blocks and interpolation differ little."""
+  yy, xx = np.mgrid[0:90, 0:120]
+  img = np.stack([(yy * 2) % 256, (xx * 2) % 256, (xx + yy) % 256], -1).astype(np.uint8)
+  buffer = io.BytesIO()
+  Image.fromarray(img).save(buffer, format='JPEG', quality=95)
+  return buffer.getvalue()
+
+
+def _release_pairs(decoder, lighting, n=4):
+  """The pipeline's training images (device-normalised) and the release's PIL transform
+  of the same example from the same keyed generator."""
+  data = _smooth_jpeg()
+  records = [{'image': data, 'label': 1}] * n
+  batches = imagenet.ImageNetBatches(records, records, 32, lighting=lighting, decoder=decoder,
+                                     decode_threads=2)
+  batch = batches.train(np.zeros(n, int), seed=7, step=3, positions=np.arange(n))
+  ours = np.asarray(device.model_images(batch, (aug.IMAGENET_MEAN, aug.IMAGENET_STD)))
+  for p in range(n):
+    rng = np.random.default_rng([2, 7, 3, p])  # the pipeline's key for this example
+    yield ours[p], aug.imagenet_train_transform(data, rng, 32, lighting=lighting)
+
+
 @pytest.mark.parametrize('lighting', ['alexnet', 'none'])
 def test_tf_decode_plus_device_normalisation_is_the_release_transform(lighting):
   """The crop-window decode (TF) and the device's normalisation together give
   what the PIL transform gives from the same keyed generator: same crop box,
   flip and lighting, pixels equal up to the resize's interpolation."""
-  # A smooth JPEG, so that JPEG blocks and interpolation differ little.
-  yy, xx = np.mgrid[0:90, 0:120]
-  img = np.stack([(yy * 2) % 256, (xx * 2) % 256, (xx + yy) % 256], -1).astype(np.uint8)
-  buffer = io.BytesIO()
-  Image.fromarray(img).save(buffer, format='JPEG', quality=95)
-  data = buffer.getvalue()
-  records = [{'image': data, 'label': 1}] * 4
-  info = ip.DatasetInfo('imagenet2012', 1000, (32, 32, 3), 4, 4,
-                        pixel_stats=(aug.IMAGENET_MEAN, aug.IMAGENET_STD))
-  dataset = ip._SourceDataset(info, records, records, image_size=32, lighting=lighting,
-                              workers=2)
-  batch = dataset.train_batch(np.zeros(4, int), seed=7, step=3, global_batch_size=4,
-                              positions=np.arange(4), augment=True, pool=None)
-  ours = np.asarray(device.model_images(batch, info.pixel_stats))
-  for p in range(4):
-    rng = np.random.default_rng([2, 7, 3, p])  # the pipeline's key for this example
-    reference = aug.imagenet_train_transform(data, rng, 32, lighting=lighting)
+  for ours, reference in _release_pairs('tf', lighting):
     # One pixel level is 1/255/0.225 = 0.017 after normalisation.
-    assert np.abs(ours[p] - reference).mean() < 0.06, p
-    assert np.abs(ours[p] - reference[:, ::-1]).mean() > np.abs(ours[p] - reference).mean()
+    assert np.abs(ours - reference).mean() < 0.06
+    assert np.abs(ours - reference[:, ::-1]).mean() > np.abs(ours - reference).mean()
+
+
+def test_pil_decoder_is_the_release_transform_exactly():
+  """decoder='pil' ships the release's uint8 pixels: after the device's lighting and
+  normalisation they equal the release's float32 transform to rounding."""
+  for ours, reference in _release_pairs('pil', 'alexnet'):
+    np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-5)
+
+
+def _old_draws(seed, step, positions, sizes, lighting):
+  """The draws of the pipeline before data workers, as it made them (a transcription of
+  its per-example loop): each example's generator, then box, flip, lighting."""
+  out = []
+  for position, (h, w) in zip(positions, sizes):
+    rng = np.random.default_rng([2, seed, step, int(position)])
+    box = aug.random_resized_crop_params(rng, h, w)
+    flip = rng.random() < 0.5
+    out.append((box, flip, aug.lighting_offset(rng, form=lighting)))
+  return out
+
+
+def test_augmentation_law_is_unchanged():
+  """The draws made in the data workers are the earlier pipeline's, example for example,
+  and they follow the release's law: crop area uniform on (0.08, 1.25) of the image
+  where the box fits, log-uniform aspect on (3/4, 4/3), a fair flip, and lighting with
+  the PCA covariance (checked against an independent NumPy sampler and the formula)."""
+  n, (h, w) = 4000, (375, 500)
+  boxes, flips, offsets = [], [], []
+  for step in range(n // 100):
+    positions = np.arange(100) + 1000 * step  # rows of one global batch
+    b, f, o = imagenet.draws(3, step, positions, [(h, w)] * 100, 'alexnet')
+    for k, (box, flip, offset) in enumerate(_old_draws(3, step, positions, [(h, w)] * 100,
+                                                       'alexnet')):
+      assert tuple(b[k]) == box and f[k] == flip and np.array_equal(o[k], offset)
+    boxes.append(b), flips.append(f), offsets.append(o)
+  boxes, flips, offsets = np.concatenate(boxes), np.concatenate(flips), np.concatenate(offsets)
+  area = boxes[:, 2] * boxes[:, 3] / (h * w)
+  log_aspect = np.log(boxes[:, 3] / boxes[:, 2])
+  # Independent reference: the first try of RandomResizedCrop that fits, vectorised.
+  rng = np.random.default_rng(123)
+  s = rng.uniform(0.08, 1.25, (n, 10))
+  r = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3), (n, 10)))
+  rw, rh = np.round(np.sqrt(s * h * w * r)), np.round(np.sqrt(s * h * w / r))
+  fits = (rw <= w) & (rh <= h)
+  first = fits.argmax(1)
+  assert fits.any(1).mean() > 0.99  # the central-crop fallback is rare at this shape
+  ok = fits.any(1)
+  ref_area = (rw * rh)[np.arange(n), first][ok] / (h * w)
+  ref_aspect = np.log((rw / rh)[np.arange(n), first][ok])
+  for ours, ref, edges in ((area, ref_area, np.linspace(0, 1, 11)),
+                           (log_aspect, ref_aspect, np.linspace(-0.3, 0.3, 7))):
+    p = np.histogram(ours, edges)[0] / len(ours)
+    q = np.histogram(ref, edges)[0] / len(ref)
+    assert np.abs(p - q).max() < 0.03, (p, q)  # ~4 binomial std of 4000 draws
+  assert abs(flips.mean() - 0.5) < 0.03
+  np.testing.assert_allclose(offsets.mean(0), 0, atol=2e-3)
+  expected_cov = aug.IMAGENET_EIGVEC @ np.diag((0.1 * aug.IMAGENET_EIGVAL) ** 2) \
+      @ aug.IMAGENET_EIGVEC.T
+  np.testing.assert_allclose(np.cov(offsets.T), expected_cov, atol=2e-5)
+
+
+class _CountingSource:
+  """A source whose reads wait `delay_s` and count how many run at once."""
+
+  def __init__(self, records, delay_s):
+    self.records, self.delay_s = records, delay_s
+    self.lock, self.now, self.most = threading.Lock(), 0, 0
+
+  def __len__(self):
+    return len(self.records)
+
+  def __getitem__(self, i):
+    with self.lock:
+      self.now += 1
+      self.most = max(self.most, self.now)
+    time.sleep(self.delay_s)
+    with self.lock:
+      self.now -= 1
+    return self.records[i]
+
+
+def test_a_batch_requests_its_records_concurrently():
+  """A remote store pays its latency per round of requests: the records of a batch are
+  requested `read_threads` at a time, in order of the indices."""
+  records = [{'image': np.full((8, 8, 3), i, np.uint8), 'label': i} for i in range(40)]
+  source = _CountingSource(records, 0.05)
+  batches = imagenet.ImageNetBatches(source, source, 8, read_threads=32)
+  got = batches.records(source, np.arange(40)[::-1])
+  assert [r['label'] for r in got] == list(range(40))[::-1]
+  assert source.most == 32
+  one = _CountingSource(records, 0.0)
+  imagenet.ImageNetBatches(one, one, 8, read_threads=1).records(one, range(10))
+  assert one.most == 1
 
 
 def test_encoded_size_reads_the_header():

@@ -40,6 +40,7 @@ def test_cifar_config_on_mock_data(tmp_path):
 def test_imagenet_config_on_mock_data(tmp_path):
   config = load_config("imagenet_r18", "runlocal")
   config.image_size = 32
+  config.data_workers = 1  # batches from a worker process, train and evaluation alike
   with tfds.testing.mock_data(num_examples=12):
     result = train.train_and_evaluate(config, str(tmp_path))
   check_result(result, 12)

@@ -43,11 +43,12 @@ Datasets (`config.dataset`):
   `image_size` with scale (0.08, 1.25) and ratio (3/4, 4/3), horizontal flip,
   PCA lighting noise (std 0.1), normalisation with mean (0.485, 0.456, 0.406)
   and std (0.229, 0.224, 0.225). Evaluation: shorter side resized to
-  `round(256 * image_size / 224)`, centre crop `image_size`. With the default
-  decoder ('tf', `data.tf_images`) batches hold uint8 pixels of the crop (only
-  the crop window is decoded) and each example's lighting offset in
-  `rgb_offset`; the device adds it and normalises (`data.device`, from
-  `DatasetInfo.pixel_stats`). With 'pil' they hold normalised float32 images.
+  `round(256 * image_size / 224)`, centre crop `image_size`. Batches hold
+  uint8 pixels and each example's lighting offset in `rgb_offset`; the device
+  adds it and normalises (`data.device`, from `DatasetInfo.pixel_stats`).
+  `data.imagenet` makes each batch whole (concurrent record reads, parsing,
+  the draws, the decode), in `data_workers` worker processes (`data.loader`,
+  grain), so the training process runs no Python per image.
 
 tfds is always called with `download=False`; an unprepared dataset raises
 `DatasetNotPreparedError`, whose message gives the commands that prepare it.
@@ -66,34 +67,37 @@ Config fields read (an `ml_collections.ConfigDict`):
 * `imagenet_lighting` (str, default 'alexnet'): PCA lighting form, 'alexnet'
   (the standard one), 'release' (the authors' `ColorAugmentation`, whose matrix
   pairs eigenvalues with rows; see `data.augment.lighting_offset`) or 'none'.
-* `imagenet_decoder` (str, default 'tf'): 'tf' (crop-window decode in TF's
-  threads, uint8 batches) or 'pil' (PIL and NumPy, float32 batches).
-* `num_workers` (int or None, default None = min(16, CPUs)): decode threads
-  for ImageNet (tf.data map parallelism, or the PIL thread pool).
-* `prefetch` (int, default 2): batches computed ahead in a background thread.
-  Batches depend only on their step, so prefetching changes no value.
+* `imagenet_decoder` (str, default 'tf'): 'tf' (crop-window decode in
+  TensorFlow's threads) or 'pil' (the release's PIL operations); both uint8.
+* `data_workers` (int or None, default None = the CPUs of this process):
+  ImageNet's worker processes; 0 makes batches in this process.
+* `decode_threads` (int or None, default None = CPUs / workers, all CPUs
+  with 0 workers): TensorFlow decode threads per worker.
+* `read_threads` (int or None, default None = `READ_THREADS`, 64): records of
+  a batch requested at once (a remote store's latency is paid per round).
+* `prefetch` (int, default 2): batches computed ahead (in a thread, or done
+  and waiting in each worker's queue). Batches depend only on their step, so
+  neither prefetching nor the workers change a value.
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import dataclasses
 import os
-import sys
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
 from ovsw_jax.trainer.data import augment as aug
+from ovsw_jax.trainer.data import imagenet
+from ovsw_jax.trainer.data import loader
 from ovsw_jax.trainer.data import sources
-from ovsw_jax.trainer.data import tf_images
 from ovsw_jax.trainer.data.sources import DatasetNotPreparedError
 
 __all__ = [
-    'DATASETS', 'DatasetInfo', 'DatasetNotPreparedError', 'epoch_permutation',
-    'eval_iterator', 'get_info', 'global_batch_indices', 'steps_per_epoch',
-    'train_iterator',
+    'DATASETS', 'DatasetInfo', 'DatasetNotPreparedError', 'data_threads', 'epoch_permutation',
+    'eval_iterator', 'eval_passes', 'get_info', 'global_batch_indices', 'host_cpus',
+    'steps_per_epoch', 'train_iterator',
 ]
 
 DATASETS = ('digits', 'cifar10', 'cifar100', 'imagenet2012')
@@ -104,7 +108,10 @@ _DIGITS_PAD = 1
 # First entropy word of each random stream, so that the order and the
 # augmentation streams never share a generator state.
 _ORDER_STREAM = 1
-_AUGMENT_STREAM = 2
+_AUGMENT_STREAM = imagenet.AUGMENT_STREAM
+# Records of an ImageNet batch requested at once by default (`read_threads`):
+# enough for a batch of 128 to arrive in two round trips from an object store.
+READ_THREADS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +198,13 @@ def _check_seed(seed: int) -> None:
 
 
 class _ArrayDataset:
-  """Digits or CIFAR: both splits in memory, augmentation vectorised per batch."""
+  """Digits or CIFAR: both splits in memory, augmentation vectorised per batch.
+
+  Made in this process (`workers = 0`): a batch costs a few vectorised NumPy
+  operations, less than shipping it from another process.
+  """
+  workers = 0
+  worker_env = None
 
   def __init__(self, info: DatasetInfo, train: tuple[np.ndarray, np.ndarray],
                test: tuple[np.ndarray, np.ndarray], *, pad: int, flip: bool,
@@ -205,14 +218,12 @@ class _ArrayDataset:
   def _normalize(self, images):
     return aug.normalize(images, self.mean, self.std, self.scale)
 
-  def train_batch(self, indices, *, seed, step, global_batch_size, positions,
-                  augment, pool):
+  def train_batch(self, indices, *, seed, step, global_batch_size, positions, augment):
     """Images and labels of the training examples `indices`.
 
     `positions` are the examples' rows in the global batch: the offsets and
     flips of the whole global batch are drawn, and these rows are used.
     """
-    del pool
     images = self.train_images[indices]
     if augment:
       rng = np.random.default_rng([_AUGMENT_STREAM, seed, step])
@@ -224,91 +235,9 @@ class _ArrayDataset:
     return {'image': self._normalize(images),
             'label': self.train_labels[indices].astype(np.int32)}
 
-  def eval_batch(self, indices, *, pool):
-    del pool
+  def eval_batch(self, indices):
     return {'image': self._normalize(self.test_images[indices]),
             'label': self.test_labels[indices].astype(np.int32)}
-
-
-class _SourceDataset:
-  """ImageNet: random-access sources; one batch decoded at a time.
-
-  `decoder='tf'` (the default): the host draws each example's crop box, flip
-  and lighting offset from its keyed generator (as the PIL transform does) and
-  `data.tf_images` decodes the batch in TF's threads, only the crop window,
-  into uint8; the lighting offset travels with the batch (`rgb_offset`) and
-  the device adds it and normalises. `decoder='pil'`: the whole transform in
-  PIL and NumPy, float32 normalised on the host (the earlier pipeline, kept
-  for comparison: benchmarks/input_pipeline.py).
-  """
-
-  def __init__(self, info: DatasetInfo, train_source, eval_source, *,
-               image_size: int, lighting: str, decoder: str = 'tf', workers: int = 1):
-    self.info = info
-    self.train_source, self.eval_source = train_source, eval_source
-    self.image_size, self.lighting = image_size, lighting
-    self.decoder, self.workers = decoder, workers
-
-  @staticmethod
-  def _records(source, indices):
-    # One by one: tfds's batched `__getitems__` measured 1.7x slower per record.
-    return [source[int(i)] for i in indices]
-
-  def train_batch(self, indices, *, seed, step, global_batch_size, positions,
-                  augment, pool):
-    """Decodes and augments examples `indices`, example `p`'s rng keyed by p."""
-    del global_batch_size
-    if self.decoder == 'pil':
-      return self._train_batch_pil(indices, seed=seed, step=step, positions=positions,
-                                   augment=augment, pool=pool)
-    records = self._records(self.train_source, indices)
-    images = [r['image'] for r in records]
-    labels = np.asarray([int(r['label']) for r in records], np.int32)
-    if not augment:
-      return {'image': tf_images.eval_batch(images, self.image_size, self.workers),
-              'label': labels, 'rgb_offset': np.zeros((len(images), 3), np.float32)}
-    boxes, flips, offsets = [], [], []
-    for image, position in zip(images, positions):
-      rng = np.random.default_rng([_AUGMENT_STREAM, seed, step, int(position)])
-      boxes.append(aug.random_resized_crop_params(rng, *tf_images.encoded_size(image)))
-      flips.append(rng.random() < 0.5)
-      offsets.append(aug.lighting_offset(rng, form=self.lighting))
-    return {'image': tf_images.train_batch(images, boxes, flips, self.image_size,
-                                           self.workers),
-            'label': labels, 'rgb_offset': np.stack(offsets).astype(np.float32)}
-
-  def _train_batch_pil(self, indices, *, seed, step, positions, augment, pool):
-
-    def one(index, position):
-      record = self.train_source[int(index)]
-      if augment:
-        rng = np.random.default_rng([_AUGMENT_STREAM, seed, step, int(position)])
-        image = aug.imagenet_train_transform(
-            record['image'], rng, self.image_size, lighting=self.lighting)
-      else:
-        image = aug.imagenet_eval_transform(record['image'], self.image_size)
-      return image, int(record['label'])
-
-    images, labels = _stack(pool.map(one, indices, positions))
-    return {'image': images, 'label': labels}
-
-  def eval_batch(self, indices, *, pool):
-    if self.decoder == 'pil':
-      def one(index):
-        record = self.eval_source[int(index)]
-        return (aug.imagenet_eval_transform(record['image'], self.image_size),
-                int(record['label']))
-      images, labels = _stack(pool.map(one, indices))
-      return {'image': images, 'label': labels}
-    records = self._records(self.eval_source, indices)
-    return {'image': tf_images.eval_batch([r['image'] for r in records], self.image_size,
-                                          self.workers),
-            'label': np.asarray([int(r['label']) for r in records], np.int32)}
-
-
-def _stack(pairs):
-  images, labels = zip(*pairs)
-  return np.stack(images).astype(np.float32), np.asarray(labels, np.int32)
 
 
 def _dataset_name(config) -> str:
@@ -316,6 +245,60 @@ def _dataset_name(config) -> str:
   if name not in DATASETS:
     raise ValueError(f'config.dataset must be one of {DATASETS}, got {config.dataset!r}')
   return name
+
+
+@dataclasses.dataclass
+class _SourceDataset:
+  """ImageNet: `data.imagenet` makes each batch whole, in `workers` processes."""
+  info: DatasetInfo
+  batches: imagenet.ImageNetBatches
+  workers: int
+  worker_env: dict
+
+  def train_batch(self, indices, *, seed, step, global_batch_size, positions, augment):
+    del global_batch_size  # Each example draws from its own generator.
+    return self.batches.train(indices, seed=seed, step=step, positions=positions,
+                              augment=augment)
+
+  def eval_batch(self, indices):
+    return self.batches.eval(indices)
+
+
+def host_cpus() -> int:
+  """The CPUs this process may run on (its affinity mask: a SLURM task's share)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # Not Linux.
+    return os.cpu_count() or 1
+
+
+def data_threads(config, cpus: int | None = None) -> tuple[int, int, int]:
+  """`(data_workers, decode_threads, read_threads)` of `config`, for ImageNet.
+
+  A field left None scales with the host (`cpus`, default `host_cpus()`): one
+  worker process a CPU, decode threads sharing the CPUs among the workers
+  (all of them when `data_workers=0`, decoding in this process), and
+  `READ_THREADS` concurrent record reads per batch.
+  """
+  cpus = host_cpus() if cpus is None else cpus
+  workers = config.get('data_workers', None)
+  workers = cpus if workers is None else int(workers)
+  decode = config.get('decode_threads', None)
+  decode = max(1, cpus // max(workers, 1)) if decode is None else int(decode)
+  read = config.get('read_threads', None)
+  return workers, decode, READ_THREADS if read is None else int(read)
+
+
+def _worker_env(decode_threads: int) -> dict:
+  """What a data worker's environment needs before TensorFlow starts in it."""
+  return {
+      # TensorFlow's own pools: by default each worker would start two pools
+      # the size of the host, thousands of threads on a large host.
+      'TF_NUM_INTEROP_THREADS': str(decode_threads),
+      'TF_NUM_INTRAOP_THREADS': str(decode_threads),
+      # A GPU build of TensorFlow must not take accelerator memory in a worker.
+      'CUDA_VISIBLE_DEVICES': '',
+  }
 
 
 def _build(config):
@@ -348,15 +331,17 @@ def _build(config):
     raise ValueError(
         f'config.imagenet_lighting must be one of {aug.LIGHTING_FORMS}, got {lighting!r}')
   decoder = str(config.get('imagenet_decoder', 'tf'))
-  if decoder not in ('tf', 'pil'):
+  if decoder not in imagenet.DECODERS:
     raise ValueError(f"config.imagenet_decoder must be 'tf' or 'pil', got {decoder!r}")
+  workers, decode, read = data_threads(config)
   train_source = sources.open_tfds_source(tfds_name, 'train', data_dir)
   eval_source = sources.open_tfds_source(tfds_name, 'validation', data_dir)
-  stats = (aug.IMAGENET_MEAN, aug.IMAGENET_STD) if decoder == 'tf' else None
   info = DatasetInfo(name, _NUM_CLASSES[name], (image_size, image_size, 3),
-                     len(train_source), len(eval_source), pixel_stats=stats)
-  return _SourceDataset(info, train_source, eval_source, image_size=image_size,
-                        lighting=lighting, decoder=decoder, workers=_num_workers(config))
+                     len(train_source), len(eval_source),
+                     pixel_stats=(aug.IMAGENET_MEAN, aug.IMAGENET_STD))
+  batches = imagenet.ImageNetBatches(train_source, eval_source, image_size, lighting=lighting,
+                                     decoder=decoder, read_threads=read, decode_threads=decode)
+  return _SourceDataset(info, batches, workers, _worker_env(decode))
 
 
 def get_info(config) -> DatasetInfo:
@@ -377,43 +362,54 @@ def get_info(config) -> DatasetInfo:
 # Iterators.
 
 
-def _num_workers(config) -> int:
-  workers = config.get('num_workers', None)
-  return max(1, int(min(16, os.cpu_count() or 1) if workers is None else workers))
+
+class _TrainBatch:
+  """Step -> this process's rows of that step's global batch (runs in data workers)."""
+
+  def __init__(self, dataset, *, seed: int, global_batch_size: int, positions: np.ndarray,
+               augment: bool):
+    self.dataset, self.seed, self.augment = dataset, seed, augment
+    self.global_batch_size, self.positions = global_batch_size, positions
+    self.steps_per_epoch = steps_per_epoch(dataset.info.num_train, global_batch_size)
+    self._epoch = (None, None)  # (epoch, its permutation): only the current one is kept.
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state['_epoch'] = (None, None)  # Recomputed where it is needed, not shipped.
+    return state
+
+  def __call__(self, step: int) -> dict:
+    epoch, k = divmod(int(step), self.steps_per_epoch)
+    if self._epoch[0] != epoch:
+      self._epoch = (epoch, epoch_permutation(self.seed, epoch, self.dataset.info.num_train))
+    indices = self._epoch[1][k * self.global_batch_size + self.positions]
+    return self.dataset.train_batch(
+        indices, seed=self.seed, step=int(step), global_batch_size=self.global_batch_size,
+        positions=self.positions, augment=self.augment)
 
 
-def _run_ahead(make: Callable[[Any], dict], keys: Iterator[Any], depth: int,
-               executor) -> Iterator[dict]:
-  """Yields `make(key)` for each key, computing up to `depth` keys ahead."""
-  if depth <= 0:
-    for key in keys:
-      yield make(key)
-    return
-  pending = collections.deque()
-  for key in keys:
-    pending.append(executor.submit(make, key))
-    if len(pending) > depth:
-      yield pending.popleft().result()
-  while pending:
-    yield pending.popleft().result()
+@dataclasses.dataclass
+class _EvalBatch:
+  """Batch number -> this process's rows of that padded evaluation batch."""
+  dataset: Any
+  global_batch_size: int
+  offsets: np.ndarray
+
+  def __call__(self, b: int) -> dict:
+    info = self.dataset.info
+    positions = int(b) * self.global_batch_size + self.offsets
+    mask = positions < info.num_eval
+    dtype = np.float32 if info.pixel_stats is None else np.uint8
+    image = np.zeros((len(positions), *info.image_shape), dtype)
+    label = np.zeros((len(positions),), np.int32)
+    if mask.any():
+      batch = self.dataset.eval_batch(positions[mask])
+      image[mask], label[mask] = batch['image'], batch['label']
+    return {'image': image, 'label': label, 'mask': mask}
 
 
-def _generate(make, keys, *, depth: int, workers: int):
-  """Yields `make(key, pool)` over `keys`; owns the thread pools.
-
-  Why a separate generator: `train_iterator` and `eval_iterator` are plain
-  functions, so that bad arguments and unprepared datasets raise at the call,
-  not at the first `next`. The pools live as long as the iteration: closing
-  (or dropping) the iterator shuts them down.
-  """
-  pool = concurrent.futures.ThreadPoolExecutor(workers, 'ovsw-data')
-  ahead = concurrent.futures.ThreadPoolExecutor(1, 'ovsw-prefetch')
-  try:
-    yield from _run_ahead(lambda key: make(key, pool), keys, depth, ahead)
-  finally:
-    if not sys.is_finalizing():  # At exit, concurrent.futures joins them itself.
-      ahead.shutdown(wait=False, cancel_futures=True)
-      pool.shutdown(wait=False, cancel_futures=True)
+def _prefetch(config) -> int:
+  return int(config.get('prefetch', 2))
 
 
 def train_iterator(config, *, global_batch_size: int, start_step: int = 0,
@@ -421,11 +417,12 @@ def train_iterator(config, *, global_batch_size: int, start_step: int = 0,
                    process_count: int = 1) -> Iterator[dict]:
   """Yields this process's training batches, from `start_step` on, forever.
 
-  Each batch is `{'image': float32 (local, H, W, C) normalised, 'label': int32
-  (local,)}` with `local = global_batch_size // process_count`. Batch `s` is a
-  pure function of (config, global_batch_size, seed, s): see the module
-  docstring. The process's share is rows `[process_index * local,
-  (process_index + 1) * local)` of the global batch.
+  Each batch is `{'image', 'label'}` (`label` int32 `(local,)`; ImageNet adds
+  `rgb_offset`) with `local = global_batch_size // process_count` rows. Batch
+  `s` is a pure function of (config, global_batch_size, seed, s): see the
+  module docstring. The process's share is rows `[process_index * local,
+  (process_index + 1) * local)` of the global batch. Close the iterator to
+  stop its data workers.
 
   Raises:
     DatasetNotPreparedError: a tfds dataset is not prepared in `data_dir`.
@@ -436,31 +433,30 @@ def train_iterator(config, *, global_batch_size: int, start_step: int = 0,
     raise ValueError(f'start_step must be >= 0, got {start_step}')
   local = _local_batch_size(global_batch_size, process_index, process_count)
   dataset = _build(config)
-  num_train = dataset.info.num_train
-  spe = steps_per_epoch(num_train, global_batch_size)
-  augment = bool(config.get('augment', True))
-  positions = np.arange(process_index * local, (process_index + 1) * local)
-  workers = _num_workers(config)
-  depth = int(config.get('prefetch', 2))
-  cached = {}  # epoch -> permutation; only the current epoch is kept.
+  make = _TrainBatch(dataset, seed=seed, global_batch_size=global_batch_size,
+                     positions=np.arange(process_index * local, (process_index + 1) * local),
+                     augment=bool(config.get('augment', True)))
+  return loader.iterate(make, start_step, loader.ENDLESS, workers=dataset.workers,
+                        prefetch=_prefetch(config), worker_env=dataset.worker_env)
 
-  def make(step, pool):
-    epoch, k = divmod(step, spe)
-    if epoch not in cached:
-      cached.clear()
-      cached[epoch] = epoch_permutation(seed, epoch, num_train)
-    indices = cached[epoch][k * global_batch_size + positions]
-    return dataset.train_batch(
-        indices, seed=seed, step=step, global_batch_size=global_batch_size,
-        positions=positions, augment=augment, pool=pool)
 
-  def steps():
-    step = start_step
-    while True:
-      yield step
-      step += 1
+def eval_passes(config, *, global_batch_size: int, process_index: int = 0,
+                process_count: int = 1) -> loader.Passes:
+  """Passes over the evaluation split: each `passes()` yields one (see `eval_iterator`).
 
-  return _generate(make, steps(), depth=depth, workers=workers)
+  ImageNet's data workers are started at the first pass and kept for the next
+  ones (a run evaluates every epoch); `passes.close()` stops them.
+
+  Raises:
+    DatasetNotPreparedError: a tfds dataset is not prepared in `data_dir`.
+  """
+  local = _local_batch_size(global_batch_size, process_index, process_count)
+  dataset = _build(config)
+  num_batches = -(-dataset.info.num_eval // global_batch_size)
+  make = _EvalBatch(dataset, global_batch_size,
+                    np.arange(process_index * local, (process_index + 1) * local))
+  return loader.Passes(make, num_batches, workers=dataset.workers,
+                       prefetch=_prefetch(config), worker_env=dataset.worker_env)
 
 
 def eval_iterator(config, *, global_batch_size: int, process_index: int = 0,
@@ -472,28 +468,19 @@ def eval_iterator(config, *, global_batch_size: int, process_index: int = 0,
   (zero images, label 0) with `mask` False. Every batch has the same shape
   (`local = global_batch_size // process_count` rows) and every example appears
   exactly once across all processes, so `sum(metric * mask)` summed over
-  processes is exact. Each batch is `{'image', 'label', 'mask'}`.
+  processes is exact. Each batch is `{'image', 'label', 'mask'}`. For
+  repeated passes, `eval_passes` keeps the data workers between them.
 
   Raises:
     DatasetNotPreparedError: a tfds dataset is not prepared in `data_dir`.
   """
-  local = _local_batch_size(global_batch_size, process_index, process_count)
-  dataset = _build(config)
-  info = dataset.info
-  num_batches = -(-info.num_eval // global_batch_size)
-  offsets = np.arange(process_index * local, (process_index + 1) * local)
-  depth = int(config.get('prefetch', 2))
+  passes = eval_passes(config, global_batch_size=global_batch_size,
+                       process_index=process_index, process_count=process_count)
+  return _one_pass(passes)
 
-  def make(b, pool):
-    positions = b * global_batch_size + offsets
-    mask = positions < info.num_eval
-    dtype = np.float32 if info.pixel_stats is None else np.uint8
-    image = np.zeros((local, *info.image_shape), dtype)
-    label = np.zeros((local,), np.int32)
-    if mask.any():
-      batch = dataset.eval_batch(positions[mask], pool=pool)
-      image[mask], label[mask] = batch['image'], batch['label']
-    return {'image': image, 'label': label, 'mask': mask}
 
-  return _generate(make, iter(range(num_batches)), depth=depth,
-                   workers=_num_workers(config))
+def _one_pass(passes: loader.Passes) -> Iterator[dict]:
+  try:
+    yield from passes()
+  finally:
+    passes.close()

@@ -172,6 +172,17 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, task: tasks.Tas
   return jax.lax.psum(sums, axis_name) if axis_name is not None else sums
 
 
+@contextlib.contextmanager
+def _closed_after(iterator):
+  """Closes a task's batch iterator however the block ends, so its data workers stop."""
+  try:
+    yield iterator
+  finally:
+    close = getattr(iterator, "close", None)
+    if close is not None:
+      close()
+
+
 def evaluate(p_eval_step: Callable, state: TrainState, task: tasks.Task,
              global_batch_size: int, scheme: parallel.Pmap | parallel.Jit,
              stop: Callable[[], bool] | None = None) -> dict[str, float] | None:
@@ -184,14 +195,16 @@ def evaluate(p_eval_step: Callable, state: TrainState, task: tasks.Task,
   the pass ends there and None is returned instead of partial figures.
   """
   totals = None
-  for batch in task.eval_batches(global_batch_size=global_batch_size,
-                                 process_index=jax.process_index(),
-                                 process_count=jax.process_count()):
-    if stop is not None and stop():
-      return None
-    sums = scheme.unreplicate(p_eval_step(state, scheme.shard(batch)))
-    sums = jax.tree.map(np.asarray, sums)
-    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+  batches = task.eval_batches(global_batch_size=global_batch_size,
+                              process_index=jax.process_index(),
+                              process_count=jax.process_count())
+  with _closed_after(batches):
+    for batch in batches:
+      if stop is not None and stop():
+        return None
+      sums = scheme.unreplicate(p_eval_step(state, scheme.shard(batch)))
+      sums = jax.tree.map(np.asarray, sums)
+      totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
   denominators = {"loss": "count", **task.eval_denominators}
   counts = {"count", *denominators.values()}
   names = ["loss"] + [k for k in totals if k != "loss" and k not in counts]
@@ -442,7 +455,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, donate: bool,
   in_flight = steps_in_flight()
   logging.info("Training %d steps (%d per epoch) from step %d.", num_steps,
                run.steps_per_epoch, start_step)
-  with preemption.Preemption() as preempt:
+  with preemption.Preemption() as preempt, _closed_after(train_iter):
     for step in range(start_step, num_steps):
       batch = scheme.shard(next(train_iter))
       rstate, step_metrics = loop.train(rstate, batch)

@@ -54,8 +54,10 @@ RENEW_FRACTION = 0.25
 CHANGEABLE = (
     "learning_rate", "lr_schedule", "warmup_epochs", "num_epochs", "num_train_steps",
     "log_every_steps", "eval_every_epochs", "checkpoint_every_steps", "keep_checkpoints",
-    "eval_batch_size", "data_dir", "corpus_dir", "distributed_init", "num_workers", "prefetch",
-    "parallelism",
+    "eval_batch_size", "data_dir", "corpus_dir", "distributed_init", "prefetch", "parallelism",
+    # How the host makes the batches, not what they are (records of runs started
+    # before data workers existed name `num_workers`, the decode threads then).
+    "data_workers", "decode_threads", "read_threads", "num_workers",
     # Like `parallelism`, the matmul precision changes the rounding of the steps
     # after the restart, not what the checkpointed state is (moving a run to
     # another kind of accelerator changes that rounding too): switching to

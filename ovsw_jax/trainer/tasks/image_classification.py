@@ -50,6 +50,7 @@ class ImageClassification(base.Task):
     super().__init__(config)
     if info is not None:
       self.info = info
+    self._eval_passes = {}
 
   @functools.cached_property
   def info(self) -> input_pipeline.DatasetInfo:
@@ -94,9 +95,14 @@ class ImageClassification(base.Task):
 
   def eval_batches(self, *, global_batch_size: int, process_index: int,
                    process_count: int) -> Iterator[base.Batch]:
-    return input_pipeline.eval_iterator(
-        self.config, global_batch_size=global_batch_size, process_index=process_index,
-        process_count=process_count)
+    # One set of passes per layout, kept by the task: ImageNet's data workers
+    # then start at the first evaluation only, not at every one.
+    key = (global_batch_size, process_index, process_count)
+    if key not in self._eval_passes:
+      self._eval_passes[key] = input_pipeline.eval_passes(
+          self.config, global_batch_size=global_batch_size, process_index=process_index,
+          process_count=process_count)
+    return self._eval_passes[key]()
 
 
 TASK = ImageClassification
