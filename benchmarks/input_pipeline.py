@@ -1,7 +1,7 @@
 """ImageNet input pipeline: data worker processes against the in-process pipeline.
 
-  python -m benchmarks.input_pipeline [--images=1000] [--batch=128] [--batches=24]
-      [--repeats=2] [--latency_ms=20] [--data_dir=DIR]
+  python -m benchmarks.input_pipeline [--images=1000] [--batch=128] [--batches=48]
+      [--repeats=3] [--latency_ms=20] [--data_dir=DIR]
 
 Makes (once, in `--data_dir`, default a folder under /tmp) a synthetic data set
 of ImageNet-sized JPEGs (about 500 x 375, quality 90, photo-like content) in
@@ -9,7 +9,8 @@ array_record through tfds, as a prepared ImageNet is, then runs the project's
 own `train_iterator` and `eval_passes` in two arms, alternated:
 
 * `workers`: the defaults (`data_workers`, `decode_threads`, `read_threads`
-  None: one worker process a CPU, everything per image in the workers);
+  None: one worker process a CPU, everything per image in the workers, the
+  local-disk reads one by one);
 * `today`: the pipeline before data workers: `data_workers=0` (everything in
   this process: one thread reading the records one by one, parsing, reading
   headers and drawing, then TensorFlow's decode threads, min(16, CPUs) of them).
@@ -24,10 +25,11 @@ the GIL released); that CPU time is printed too. One process tops out at
 (first batch) is reported, not counted. Evaluation: the second and third
 passes of `eval_passes` (its workers are kept between passes).
 
-Latency: the same batch of 128 records read through a source that sleeps
-`--latency_ms` per record (as a remote store's round trip), with the default
-`read_threads` and with one thread (today's reads); and the time a whole
-batch takes with and without the latency.
+Latency: the same batch of records read through a source that sleeps
+`--latency_ms` per record (as a remote store's round trip), with the
+object-store default of `read_threads` (64) and with one thread (today's
+reads, and the local-disk default); and how much longer a whole batch takes
+with the latency than without.
 
 Projection for a host of `--project_cpus` CPUs (96: a TPU v4 VM): the lesser
 of `CPUs / CPU-s per image` (all of them decoding) and the single-process
@@ -230,8 +232,7 @@ def latency(config, delay_s: float, batch: int) -> dict:
   indices = np.arange(batch) % dataset.info.num_train
   source = dataset.batches.train_source
   out = {}
-  for name, threads in (("read_threads_default", dataset.batches.read_threads),
-                        ("read_threads_1", 1)):
+  for name, threads in (("read_threads_remote", ip.READ_THREADS_REMOTE), ("read_threads_1", 1)):
     slow = imagenet.ImageNetBatches(SlowSource(source, delay_s), None, 224, read_threads=threads,
                                     decode_threads=dataset.batches.decode_threads)
     fast = imagenet.ImageNetBatches(source, None, 224, read_threads=threads,
@@ -247,7 +248,7 @@ def latency(config, delay_s: float, batch: int) -> dict:
       whole[label] = 1e3 * (time.perf_counter() - start)
     out[f"latency_added_ms_{name}"] = whole["with"] - whole["without"]
   out["latency_ms"] = 1e3 * delay_s
-  out["read_threads"] = dataset.batches.read_threads
+  out["read_threads"] = ip.READ_THREADS_REMOTE
   return out
 
 
@@ -255,10 +256,10 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--images", type=int, default=1000)
   parser.add_argument("--batch", type=int, default=128)
-  parser.add_argument("--batches", type=int, default=24)
-  parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--batches", type=int, default=48)
+  parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--latency_ms", type=float, default=20.0)
-  parser.add_argument("--gil_rate", type=int, default=500,
+  parser.add_argument("--gil_rate", type=int, default=1000,
                       help="py-spy samples per second (0: Python threads' CPU instead)")
   parser.add_argument("--project_cpus", type=int, default=96)
   parser.add_argument("--data_dir", default=os.path.join(tempfile.gettempdir(),
@@ -334,10 +335,10 @@ def main():
         f"{new['projected_img_s']:,.0f} images/s, today {old['projected_img_s']:,.0f}")
   lat = latency(arms["workers"], args.latency_ms / 1e3, args.batch)
   print(f"{args.latency_ms:.0f} ms a read: the {args.batch} records of a batch arrive in "
-        f"{lat['records_ms_read_threads_default']:.0f} ms with {lat['read_threads']} read "
-        f"threads ({lat['records_ms_read_threads_default'] / args.latency_ms:.1f}x the latency), "
+        f"{lat['records_ms_read_threads_remote']:.0f} ms with {lat['read_threads']} read "
+        f"threads ({lat['records_ms_read_threads_remote'] / args.latency_ms:.1f}x the latency), "
         f"{lat['records_ms_read_threads_1']:.0f} ms one by one; a whole batch takes "
-        f"{lat['latency_added_ms_read_threads_default']:.0f} ms longer "
+        f"{lat['latency_added_ms_read_threads_remote']:.0f} ms longer "
         f"({lat['latency_added_ms_read_threads_1']:.0f} ms one by one)")
   print(json.dumps(dict(new, today=old, ratios=ratios, latency=lat, cpus=cpus,
                         batch=args.batch, project_cpus=args.project_cpus)))

@@ -509,6 +509,19 @@ def test_augmentation_law_is_unchanged():
   np.testing.assert_allclose(np.cov(offsets.T), expected_cov, atol=2e-5)
 
 
+def test_data_threads_scale_with_the_host_and_read_remote_stores_concurrently(monkeypatch):
+  monkeypatch.delenv('TFDS_DATA_DIR', raising=False)
+  local = _config('imagenet2012', data_dir='/data/tfds')
+  assert ip.data_threads(local, cpus=96) == (96, 1, 1)
+  assert ip.data_threads(_with(local, data_workers=24), cpus=96) == (24, 4, 1)
+  assert ip.data_threads(_with(local, data_workers=0), cpus=96) == (0, 96, 1)
+  remote = _config('imagenet2012', data_dir='gs://bucket/tfds')
+  assert ip.data_threads(remote, cpus=8) == (8, 1, ip.READ_THREADS_REMOTE)
+  monkeypatch.setenv('TFDS_DATA_DIR', 'gs://bucket/tfds')
+  assert ip.data_threads(_config('imagenet2012'), cpus=8)[2] == ip.READ_THREADS_REMOTE
+  assert ip.data_threads(_with(remote, read_threads=7, decode_threads=3), cpus=8) == (8, 3, 7)
+
+
 class _CountingSource:
   """A source whose reads wait `delay_s` and count how many run at once."""
 

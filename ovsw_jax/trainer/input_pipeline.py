@@ -73,8 +73,9 @@ Config fields read (an `ml_collections.ConfigDict`):
   ImageNet's worker processes; 0 makes batches in this process.
 * `decode_threads` (int or None, default None = CPUs / workers, all CPUs
   with 0 workers): TensorFlow decode threads per worker.
-* `read_threads` (int or None, default None = `READ_THREADS`, 64): records of
-  a batch requested at once (a remote store's latency is paid per round).
+* `read_threads` (int or None, default None = 64 for an object store's
+  data dir (gs://...), 1 for a local one): records of a batch requested at
+  once (a remote store's latency is paid per round).
 * `prefetch` (int, default 2): batches computed ahead (in a thread, or done
   and waiting in each worker's queue). Batches depend only on their step, so
   neither prefetching nor the workers change a value.
@@ -109,9 +110,9 @@ _DIGITS_PAD = 1
 # augmentation streams never share a generator state.
 _ORDER_STREAM = 1
 _AUGMENT_STREAM = imagenet.AUGMENT_STREAM
-# Records of an ImageNet batch requested at once by default (`read_threads`):
-# enough for a batch of 128 to arrive in two round trips from an object store.
-READ_THREADS = 64
+# Records of an ImageNet batch requested at once from an object store by default
+# (`read_threads`): a batch of 128 arrives in two round trips.
+READ_THREADS_REMOTE = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,10 +276,14 @@ def host_cpus() -> int:
 def data_threads(config, cpus: int | None = None) -> tuple[int, int, int]:
   """`(data_workers, decode_threads, read_threads)` of `config`, for ImageNet.
 
-  A field left None scales with the host (`cpus`, default `host_cpus()`): one
-  worker process a CPU, decode threads sharing the CPUs among the workers
-  (all of them when `data_workers=0`, decoding in this process), and
-  `READ_THREADS` concurrent record reads per batch.
+  A field left None takes its default: one worker process a CPU (`cpus`,
+  default `host_cpus()`); decode threads sharing the CPUs among the workers
+  (all of them when `data_workers=0`, decoding in this process); reads of a
+  batch `READ_THREADS_REMOTE` at a time when the data dir is an object store
+  (a URL such as gs://, where every read is a round trip of tens of ms), one
+  at a time on a local disk (a read there takes about 0.05 ms of CPU, and
+  handing each to a thread of a pool cost as much again: 4% more CPU per
+  image, docs/performance.md section 1).
   """
   cpus = host_cpus() if cpus is None else cpus
   workers = config.get('data_workers', None)
@@ -286,7 +291,10 @@ def data_threads(config, cpus: int | None = None) -> tuple[int, int, int]:
   decode = config.get('decode_threads', None)
   decode = max(1, cpus // max(workers, 1)) if decode is None else int(decode)
   read = config.get('read_threads', None)
-  return workers, decode, READ_THREADS if read is None else int(read)
+  if read is None:
+    data_dir, _ = sources.resolve_data_dir(config.get('data_dir', None) or None)
+    read = READ_THREADS_REMOTE if '://' in data_dir else 1
+  return workers, decode, int(read)
 
 
 def _worker_env(decode_threads: int) -> dict:

@@ -81,7 +81,7 @@ class ImageNetBatches:
   image_size: int
   lighting: str = 'alexnet'
   decoder: str = 'tf'
-  read_threads: int = 64
+  read_threads: int = 1
   decode_threads: int = 1
   _pool: Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
