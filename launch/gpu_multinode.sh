@@ -9,9 +9,10 @@
 # SLURM, one task per node driving all of the node's GPUs:
 #   srun --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 \
 #     launch/gpu_multinode.sh configs/imagenet_r18.py /shared/runs/imagenet_r18 --config.data_dir=/shared/tfds
-# SLURM, T tasks per node (more input pipelines: one process's ImageNet pipeline
-# holds the GIL about 0.3 ms per image, docs/performance.md, about 3,000
-# images/s, so a node that trains faster than that wants T = 2-8):
+# SLURM, T tasks per node (one is enough for ImageNet's input: its data worker
+# processes decode outside the training process, docs/performance.md section 1;
+# each task starts one worker per CPU of its share, so bind CPUs to tasks,
+# e.g. --cpus-per-task, or set --config.data_workers):
 #   srun --nodes=2 --ntasks-per-node=4 --gpus-per-node=8 launch/gpu_multinode.sh ...
 #   srun --nodes=2 --ntasks-per-node=4 --gpus-per-task=2 launch/gpu_multinode.sh ...
 # Batch jobs that requeue themselves after a preemption or a time limit:
