@@ -386,11 +386,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 def _train(config: ml_collections.ConfigDict, workdir: str, *, donate: bool,
            allow_config_change: bool, eval_batch_size: int) -> dict[str, float]:
+  task = tasks.create(config)
+  try:
+    return _train_task(task, config, workdir, donate=donate,
+                       allow_config_change=allow_config_change, eval_batch_size=eval_batch_size)
+  finally:
+    task.close()  # what it keeps between evaluations (data workers), however the run ends
+
+
+def _train_task(task: tasks.Task, config: ml_collections.ConfigDict, workdir: str, *,
+                donate: bool, allow_config_change: bool,
+                eval_batch_size: int) -> dict[str, float]:
   # The config is compared with the workdir's record before anything is built:
   # a mismatch stops at once (building the model and state took 15 s here).
   manager = checkpointing.create_manager(f"{workdir}/checkpoints",
                                          max_to_keep=config.keep_checkpoints)
-  task = tasks.create(config)
   data = task.data_record()
   workdir_lib.check_config(workdir, config, has_checkpoint=bool(manager.all_steps()),
                            allow_change=allow_config_change, write=jax.process_index() == 0,
@@ -459,6 +469,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, donate: bool,
     for step in range(start_step, num_steps):
       batch = scheme.shard(next(train_iter))
       rstate, step_metrics = loop.train(rstate, batch)
+      # Not kept past the step: on the CPU backend the batch's device arrays may share
+      # the data workers' shared memory, which a stop would then hold until exit.
+      del batch
       step_metrics = scheme.unreplicate(step_metrics)
       done = step + 1
       # Bounded steps in flight: reading a step's loss blocks until it is done,

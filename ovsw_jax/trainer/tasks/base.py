@@ -123,3 +123,8 @@ class Task(abc.ABC):
   def eval_batches(self, *, global_batch_size: int, process_index: int,
                    process_count: int) -> Iterator[Batch]:
     """One pass over the evaluation split; padding rows have `mask` False."""
+
+  def close(self) -> None:
+    """Releases what the task keeps between calls (data worker processes); the
+    trainer calls it when the run ends, however it ends. Nothing by default."""
+    return None

@@ -104,5 +104,10 @@ class ImageClassification(base.Task):
           process_count=process_count)
     return self._eval_passes[key]()
 
+  def close(self) -> None:
+    for passes in self._eval_passes.values():
+      passes.close()
+    self._eval_passes.clear()
+
 
 TASK = ImageClassification
