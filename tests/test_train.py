@@ -6,6 +6,7 @@ batch and averages gradients and BatchNorm statistics across devices.
 
 import os
 import signal
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +45,10 @@ def test_imagenet_config_on_mock_data(tmp_path):
   with tfds.testing.mock_data(num_examples=12):
     result = train.train_and_evaluate(config, str(tmp_path))
   check_result(result, 12)
+  # The run stopped its data workers (the training iterator and the kept evaluation's).
+  workers = subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "multiprocessing.spawn"],
+                           capture_output=True, text=True, check=False).stdout.split()
+  assert not workers
 
 
 def test_embedded_default_trains_and_learns(digits_run):
