@@ -282,7 +282,7 @@ def data_threads(config, cpus: int | None = None) -> tuple[int, int, int]:
   batch `READ_THREADS_REMOTE` at a time when the data dir is an object store
   (a URL such as gs://, where every read is a round trip of tens of ms), one
   at a time on a local disk (a read there takes about 0.05 ms of CPU, and
-  handing each to a thread of a pool cost as much again: 4% more CPU per
+  handing each to a thread of a pool cost as much again: 3% more CPU per
   image, docs/performance.md section 1).
   """
   cpus = host_cpus() if cpus is None else cpus
