@@ -11,8 +11,10 @@ exercise `tfds.data_source` on real files and threads without mocks.
 """
 
 import io
+import os
 import threading
 import time
+import types
 
 import ml_collections
 import numpy as np
@@ -520,6 +522,51 @@ def test_data_threads_scale_with_the_host_and_read_remote_stores_concurrently(mo
   monkeypatch.setenv('TFDS_DATA_DIR', 'gs://bucket/tfds')
   assert ip.data_threads(_config('imagenet2012'), cpus=8)[2] == ip.READ_THREADS_REMOTE
   assert ip.data_threads(_with(remote, read_threads=7, decode_threads=3), cpus=8) == (8, 3, 7)
+
+
+def test_cpus_follow_the_containers_quota(tmp_path):
+  v2 = tmp_path / 'v2'
+  v2.mkdir()
+  (v2 / 'cpu.max').write_text('250000 100000\n')
+  assert ip.cgroup_cpu_limit(str(v2)) == 2.5
+  affinity = len(os.sched_getaffinity(0))
+  assert ip.host_cpus(str(v2)) == min(affinity, 3)
+  (v2 / 'cpu.max').write_text('max 100000\n')
+  assert ip.cgroup_cpu_limit(str(v2)) is None and ip.host_cpus(str(v2)) == affinity
+  v1 = tmp_path / 'v1' / 'cpu'
+  v1.mkdir(parents=True)
+  (v1 / 'cpu.cfs_period_us').write_text('100000\n')
+  (v1 / 'cpu.cfs_quota_us').write_text('-1\n')
+  assert ip.cgroup_cpu_limit(str(v1.parent)) is None
+  (v1 / 'cpu.cfs_quota_us').write_text('50000\n')
+  assert ip.cgroup_cpu_limit(str(v1.parent)) == 0.5 and ip.host_cpus(str(v1.parent)) == 1
+  assert ip.cgroup_cpu_limit(str(tmp_path / 'none')) is None
+
+
+def test_too_little_shared_memory_for_the_workers_is_named_at_the_call(tmp_path, monkeypatch):
+  data_dir = str(tmp_path)
+  config = _config('imagenet2012', tfds_name=tiny_images.prepare(data_dir), data_dir=data_dir,
+                   image_size=16, data_workers=2)
+  real = os.statvfs
+
+  def small(path):
+    if path != '/dev/shm':
+      return real(path)
+    return types.SimpleNamespace(f_bavail=2, f_frsize=4096)  # 8 KiB free
+  monkeypatch.setattr(os, 'statvfs', small)
+  for make in (ip.train_iterator, ip.eval_passes):
+    with pytest.raises(ValueError) as error:
+      make(config, global_batch_size=4)
+    message = str(error.value)
+    assert '/dev/shm has 0 MiB free' in message and '2 data workers' in message
+    assert '--shm-size' in message and '--config.data_workers' in message
+  # Room enough, or no workers: no complaint (and no process started for the check).
+  monkeypatch.setattr(os, 'statvfs', lambda path: types.SimpleNamespace(
+      f_bavail=10**9, f_frsize=4096))
+  ip.train_iterator(config, global_batch_size=4).close()
+  monkeypatch.setattr(os, 'statvfs', small)
+  config.data_workers = 0
+  assert next(ip.train_iterator(config, global_batch_size=4))['image'].shape == (4, 16, 16, 3)
 
 
 class _CountingSource:

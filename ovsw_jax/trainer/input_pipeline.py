@@ -84,6 +84,7 @@ Config fields read (an `ml_collections.ConfigDict`):
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any, Iterator
 
@@ -265,12 +266,38 @@ class _SourceDataset:
     return self.batches.eval(indices)
 
 
-def host_cpus() -> int:
-  """The CPUs this process may run on (its affinity mask: a SLURM task's share)."""
+def cgroup_cpu_limit(root: str = '/sys/fs/cgroup') -> float | None:
+  """The CPUs a container's CPU quota allows, or None when it sets none.
+
+  cgroup v2's `cpu.max` ("quota period", or "max ..."), else v1's
+  `cpu/cpu.cfs_quota_us` over `cpu.cfs_period_us` (-1: none), as a container
+  sees its own cgroup at `root`.
+  """
+  def read(name):
+    with open(os.path.join(root, name)) as f:
+      return f.read().split()
   try:
-    return len(os.sched_getaffinity(0))
+    quota, period = read('cpu.max')[:2]
+    return None if quota == 'max' else int(quota) / int(period)
+  except (OSError, ValueError):
+    pass
+  try:
+    quota, period = int(read('cpu/cpu.cfs_quota_us')[0]), int(read('cpu/cpu.cfs_period_us')[0])
+    return quota / period if quota > 0 and period > 0 else None
+  except (OSError, ValueError, IndexError):
+    return None
+
+
+def host_cpus(cgroup_root: str = '/sys/fs/cgroup') -> int:
+  """The CPUs this process may use: its affinity mask (a SLURM task's share),
+  capped by its container's CPU quota (a Kubernetes pod's `limits.cpu` leaves
+  the affinity mask at the whole node's CPUs)."""
+  try:
+    cpus = len(os.sched_getaffinity(0))
   except AttributeError:  # Not Linux.
-    return os.cpu_count() or 1
+    cpus = os.cpu_count() or 1
+  limit = cgroup_cpu_limit(cgroup_root)
+  return cpus if limit is None else max(1, min(cpus, math.ceil(limit)))
 
 
 def data_threads(config, cpus: int | None = None) -> tuple[int, int, int]:
@@ -416,6 +443,12 @@ class _EvalBatch:
     return {'image': image, 'label': label, 'mask': mask}
 
 
+def _batch_bytes(info: DatasetInfo, rows: int) -> int:
+  """Bytes of a batch of `rows` images (uint8 when normalised on the device)."""
+  per_value = 1 if info.pixel_stats is not None else 4
+  return rows * (int(np.prod(info.image_shape)) * per_value + 64)  # + label, offset, mask
+
+
 def _prefetch(config) -> int:
   return int(config.get('prefetch', 2))
 
@@ -444,6 +477,7 @@ def train_iterator(config, *, global_batch_size: int, start_step: int = 0,
   make = _TrainBatch(dataset, seed=seed, global_batch_size=global_batch_size,
                      positions=np.arange(process_index * local, (process_index + 1) * local),
                      augment=bool(config.get('augment', True)))
+  loader.check_shared_memory(_batch_bytes(dataset.info, local), dataset.workers)
   return loader.iterate(make, start_step, loader.ENDLESS, workers=dataset.workers,
                         prefetch=_prefetch(config), worker_env=dataset.worker_env)
 
@@ -463,6 +497,7 @@ def eval_passes(config, *, global_batch_size: int, process_index: int = 0,
   num_batches = -(-dataset.info.num_eval // global_batch_size)
   make = _EvalBatch(dataset, global_batch_size,
                     np.arange(process_index * local, (process_index + 1) * local))
+  loader.check_shared_memory(_batch_bytes(dataset.info, local), dataset.workers)
   return loader.Passes(make, num_batches, workers=dataset.workers,
                        prefetch=_prefetch(config), worker_env=dataset.worker_env)
 

@@ -75,6 +75,36 @@ def _init_worker(env: Mapping[str, str], index: int, count: int) -> None:
                    name='ovsw-parent-watch').start()
 
 
+SHARED_MEMORY = '/dev/shm'
+# Batches of one iterator in shared memory at a time, per worker: one waiting
+# in its queue, one being written.
+BATCHES_PER_WORKER = 2
+
+
+def check_shared_memory(batch_bytes: int, workers: int, path: str = SHARED_MEMORY) -> None:
+  """Raises `ValueError` when `path` has no room for `workers`' batches (see the module).
+
+  Why: a container's /dev/shm is 64 MB unless told otherwise (docker), and a
+  worker that cannot place its batch there fails with a bare "No space left
+  on device" from inside grain. Nothing is checked where `path` does not exist.
+  """
+  if workers <= 0:
+    return
+  try:
+    stat = os.statvfs(path)
+  except OSError:
+    return
+  free = stat.f_bavail * stat.f_frsize
+  need = BATCHES_PER_WORKER * workers * batch_bytes
+  if free < need:
+    raise ValueError(
+        f'{path} has {free / 2**20:,.0f} MiB free, and {workers} data workers keep about '
+        f'{need / 2**20:,.0f} MiB of batches there ({BATCHES_PER_WORKER} of '
+        f'{batch_bytes / 2**20:,.1f} MiB each). Give it more room (docker run --shm-size=, '
+        'a Kubernetes memory-backed emptyDir at /dev/shm), or set fewer '
+        '--config.data_workers (0 makes the batches in the training process).')
+
+
 def dataset(make: Callable[[int], Any], start: int, stop: int, *, workers: int,
             prefetch: int, worker_env: Mapping[str, str] | None = None):
   """The grain `IterDataset` of `make(k)` for `k` in `range(start, stop)` (see module)."""
