@@ -28,8 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.imagenet_decoder = "tf"    # ImageNet: "tf" (crop-window decode) or "pil" (the release's).
   c.augment = True
   # ImageNet's data workers (processes; 0: this process) and TensorFlow decode threads per
-  # worker (None: scaled to the host's CPUs), and records of a batch read at once (None: 64
-  # from an object store such as gs://, 1 from a local disk).
+  # worker (None: one worker a CPU, at most one per 2 GiB of free memory, the threads sharing
+  # the CPUs), and records of a batch read at once (None: 64 from an object store such as
+  # gs://, 1 from a local disk).
   c.data_workers = ml_collections.config_dict.placeholder(int)
   c.decode_threads = ml_collections.config_dict.placeholder(int)
   c.read_threads = ml_collections.config_dict.placeholder(int)

@@ -514,14 +514,40 @@ def test_augmentation_law_is_unchanged():
 def test_data_threads_scale_with_the_host_and_read_remote_stores_concurrently(monkeypatch):
   monkeypatch.delenv('TFDS_DATA_DIR', raising=False)
   local = _config('imagenet2012', data_dir='/data/tfds')
-  assert ip.data_threads(local, cpus=96) == (96, 1, 1)
-  assert ip.data_threads(_with(local, data_workers=24), cpus=96) == (24, 4, 1)
+  gib = 2**30
+  assert ip.data_threads(local, cpus=96, memory=400 * gib) == (96, 1, 1)
+  # A worker is budgeted 2 GiB of the available memory (a quarter for each pipeline's
+  # workers): 64 GiB hold 32 workers, which then share the 96 CPUs 3 threads each.
+  assert ip.data_threads(local, cpus=96, memory=64 * gib) == (32, 3, 1)
+  assert ip.data_threads(local, cpus=96, memory=0.5 * gib) == (1, 96, 1)
+  assert ip.data_threads(_with(local, data_workers=24), cpus=96, memory=gib) == (24, 4, 1)
   assert ip.data_threads(_with(local, data_workers=0), cpus=96) == (0, 96, 1)
   remote = _config('imagenet2012', data_dir='gs://bucket/tfds')
-  assert ip.data_threads(remote, cpus=8) == (8, 1, ip.READ_THREADS_REMOTE)
+  assert ip.data_threads(remote, cpus=8, memory=400 * gib) == (8, 1, ip.READ_THREADS_REMOTE)
   monkeypatch.setenv('TFDS_DATA_DIR', 'gs://bucket/tfds')
   assert ip.data_threads(_config('imagenet2012'), cpus=8)[2] == ip.READ_THREADS_REMOTE
-  assert ip.data_threads(_with(remote, read_threads=7, decode_threads=3), cpus=8) == (8, 3, 7)
+  assert ip.data_threads(_with(remote, read_threads=7, decode_threads=3, data_workers=8),
+                         cpus=8) == (8, 3, 7)
+
+
+def test_memory_available_follows_the_containers_limit(tmp_path):
+  meminfo = tmp_path / 'meminfo'
+  meminfo.write_text('MemTotal: 400000000 kB\nMemAvailable: 300000000 kB\n')
+  root = tmp_path / 'cgroup'
+  (root / 'memory').mkdir(parents=True)
+  assert ip.memory_available(str(root), str(meminfo)) == 300000000 * 1024
+  (root / 'memory.max').write_text('34359738368\n')  # v2: 32 GiB, 8 GiB of it used
+  (root / 'memory.current').write_text('8589934592\n')
+  assert ip.memory_available(str(root), str(meminfo)) == 24 * 2**30
+  (root / 'memory.max').write_text('max\n')
+  assert ip.memory_available(str(root), str(meminfo)) == 300000000 * 1024
+  (root / 'memory.max').unlink()
+  (root / 'memory' / 'memory.limit_in_bytes').write_text(f'{2**63 - 4096}\n')  # v1 unlimited
+  (root / 'memory' / 'memory.usage_in_bytes').write_text('0\n')
+  assert ip.memory_available(str(root), str(meminfo)) == 300000000 * 1024
+  (root / 'memory' / 'memory.limit_in_bytes').write_text(f'{2**30}\n')
+  assert ip.memory_available(str(root), str(meminfo)) == 2**30
+  assert ip.memory_available(str(tmp_path / 'no'), str(tmp_path / 'no')) is None
 
 
 def test_cpus_follow_the_containers_quota(tmp_path):

@@ -114,6 +114,11 @@ _AUGMENT_STREAM = imagenet.AUGMENT_STREAM
 # Records of an ImageNet batch requested at once from an object store by default
 # (`read_threads`): a batch of 128 arrives in two round trips.
 READ_THREADS_REMOTE = 64
+# Memory the default worker count budgets a data worker: one with TensorFlow
+# holds 0.40-0.45 GiB of its own; the training and the evaluation pipeline
+# each have their workers, and the training process needs the rest. So the
+# workers of one pipeline take at most a quarter of the available memory.
+WORKER_MEMORY = 4 * 0.5 * 2**30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,6 +293,32 @@ def cgroup_cpu_limit(root: str = '/sys/fs/cgroup') -> float | None:
     return None
 
 
+def memory_available(cgroup_root: str = '/sys/fs/cgroup',
+                     meminfo: str = '/proc/meminfo') -> int | None:
+  """Bytes this process may still allocate: the host's `MemAvailable`, capped by
+  its container's memory limit less what the container uses (cgroup v2
+  `memory.max`, v1 `memory/memory.limit_in_bytes`); None if unknown."""
+  out = []
+  try:
+    with open(meminfo) as f:
+      out += [int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:')]
+  except (OSError, ValueError, IndexError):
+    pass
+  for limit, usage in (('memory.max', 'memory.current'),
+                       ('memory/memory.limit_in_bytes', 'memory/memory.usage_in_bytes')):
+    try:
+      with open(os.path.join(cgroup_root, limit)) as f:
+        cap = f.read().strip()
+      with open(os.path.join(cgroup_root, usage)) as f:
+        used = int(f.read().strip())
+    except (OSError, ValueError):
+      continue
+    if cap != 'max' and int(cap) < 2**60:  # v1 writes "unlimited" as a huge number
+      out.append(max(int(cap) - used, 0))
+    break
+  return min(out) if out else None
+
+
 def host_cpus(cgroup_root: str = '/sys/fs/cgroup') -> int:
   """The CPUs this process may use: its affinity mask (a SLURM task's share),
   capped by its container's CPU quota (a Kubernetes pod's `limits.cpu` leaves
@@ -300,12 +331,15 @@ def host_cpus(cgroup_root: str = '/sys/fs/cgroup') -> int:
   return cpus if limit is None else max(1, min(cpus, math.ceil(limit)))
 
 
-def data_threads(config, cpus: int | None = None) -> tuple[int, int, int]:
+def data_threads(config, cpus: int | None = None,
+                 memory: float | None = None) -> tuple[int, int, int]:
   """`(data_workers, decode_threads, read_threads)` of `config`, for ImageNet.
 
   A field left None takes its default: one worker process a CPU (`cpus`,
-  default `host_cpus()`); decode threads sharing the CPUs among the workers
-  (all of them when `data_workers=0`, decoding in this process); reads of a
+  default `host_cpus()`), as many as `memory` bytes (default
+  `memory_available()`) hold at `WORKER_MEMORY` each; decode threads sharing
+  the CPUs among the workers (all of them when `data_workers=0`, decoding in
+  this process); reads of a
   batch `READ_THREADS_REMOTE` at a time when the data dir is an object store
   (a URL such as gs://, where every read is a round trip of tens of ms), one
   at a time on a local disk (a read there takes about 0.05 ms of CPU, and
@@ -314,7 +348,10 @@ def data_threads(config, cpus: int | None = None) -> tuple[int, int, int]:
   """
   cpus = host_cpus() if cpus is None else cpus
   workers = config.get('data_workers', None)
-  workers = cpus if workers is None else int(workers)
+  if workers is None:
+    memory = memory_available() if memory is None else memory
+    workers = cpus if memory is None else max(1, min(cpus, int(memory // WORKER_MEMORY)))
+  workers = int(workers)
   decode = config.get('decode_threads', None)
   decode = max(1, cpus // max(workers, 1)) if decode is None else int(decode)
   read = config.get('read_threads', None)
