@@ -69,7 +69,8 @@ Config fields read (an `ml_collections.ConfigDict`):
   pairs eigenvalues with rows; see `data.augment.lighting_offset`) or 'none'.
 * `imagenet_decoder` (str, default 'tf'): 'tf' (crop-window decode in
   TensorFlow's threads) or 'pil' (the release's PIL operations); both uint8.
-* `data_workers` (int or None, default None = the CPUs of this process):
+* `data_workers` (int or None, default None = the CPUs of this process, at
+  most one per `WORKER_MEMORY` of available memory; `data_threads`):
   ImageNet's worker processes; 0 makes batches in this process.
 * `decode_threads` (int or None, default None = CPUs / workers, all CPUs
   with 0 workers): TensorFlow decode threads per worker.
