@@ -46,14 +46,14 @@ _PARENT_POLL_S = 1.0
 ENDLESS = 2**62
 
 
-def _grain():
+def _grain(workers: int):
   import grain  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
-  # grain 0.2.18 reads one of its absl flags without a guard when an iterator
-  # starts (google/grain#1355, fixed after that release): a program that never
-  # parsed absl flags (tests, notebooks, benchmarks) would fail. Their default
-  # values are what such a program means.
-  if not flags.FLAGS.is_parsed():
+  # grain 0.2.18 reads one of its absl flags without a guard when a worker
+  # process starts (google/grain#1355, fixed after that release): a program
+  # that never parsed absl flags (tests, notebooks, benchmarks) would fail.
+  # Their default values are what such a program means.
+  if workers and not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
   return grain
 
@@ -110,7 +110,7 @@ def dataset(make: Callable[[int], Any], start: int, stop: int, *, workers: int,
   """The grain `IterDataset` of `make(k)` for `k` in `range(start, stop)` (see module)."""
   if workers < 0 or prefetch < 0:
     raise ValueError(f'workers and prefetch must be >= 0, got {workers}, {prefetch}')
-  grain = _grain()
+  grain = _grain(workers)
   ds = grain.MapDataset.range(start, stop).map(make)
   if workers == 0:
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=1 if prefetch else 0,
