@@ -619,11 +619,13 @@ def test_a_batch_requests_its_records_concurrently():
   """A remote store pays its latency per round of requests: the records of a batch are
   requested `read_threads` at a time, in order of the indices."""
   records = [{'image': np.full((8, 8, 3), i, np.uint8), 'label': i} for i in range(40)]
-  source = _CountingSource(records, 0.05)
+  source = _CountingSource(records, 0.3)
   batches = imagenet.ImageNetBatches(source, source, 8, read_threads=32)
   got = batches.records(source, np.arange(40)[::-1])
   assert [r['label'] for r in got] == list(range(40))[::-1]
-  assert source.most == 32
+  # Up to 32 at once (the pool starts its threads as reads come; on a loaded machine the
+  # first reads may end before the last thread starts, and a free thread takes the next).
+  assert 24 <= source.most <= 32
   one = _CountingSource(records, 0.0)
   imagenet.ImageNetBatches(one, one, 8, read_threads=1).records(one, range(10))
   assert one.most == 1
