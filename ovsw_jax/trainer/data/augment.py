@@ -171,11 +171,13 @@ def lighting_offset(rng: np.random.Generator, alphastd: float = 0.1,
 
 
 def decode_rgb(image) -> Image.Image:
-  """Returns a PIL RGB image from encoded bytes or a uint8 `(H, W[, C])` array.
+  """Returns a PIL RGB image from encoded bytes, a uint8 `(H, W[, C])` array or a PIL image.
 
   Why: decoding with one library (PIL) on every host keeps the pixels, and so
   the batches, identical whatever else (OpenCV) is installed.
   """
+  if isinstance(image, Image.Image):
+    return image.convert('RGB')
   if isinstance(image, (bytes, bytearray, np.bytes_)):
     with Image.open(io.BytesIO(bytes(image))) as img:
       return img.convert('RGB')
@@ -221,10 +223,11 @@ def imagenet_train_transform(image, rng: np.random.Generator, image_size: int,
   Returns:
     `(image_size, image_size, 3)` float32, normalised.
   """
-  width, height = decode_rgb(image).size
+  img = decode_rgb(image)
+  width, height = img.size
   box = random_resized_crop_params(rng, height, width, scale=scale)
   flip = rng.random() < 0.5
-  x = crop_resize(image, box, image_size, flip).astype(np.float32) / np.float32(255.0)
+  x = crop_resize(img, box, image_size, flip).astype(np.float32) / np.float32(255.0)
   x = x + lighting_offset(rng, alphastd, lighting)
   return ((x - np.asarray(IMAGENET_MEAN, np.float32))
           / np.asarray(IMAGENET_STD, np.float32)).astype(np.float32)
