@@ -435,7 +435,6 @@ def get_info(config) -> DatasetInfo:
 # Iterators.
 
 
-
 class _TrainBatch:
   """Step -> this process's rows of that step's global batch (runs in data workers)."""
 

@@ -105,11 +105,15 @@ def check_shared_memory(batch_bytes: int, workers: int, path: str = SHARED_MEMOR
         '--config.data_workers (0 makes the batches in the training process).')
 
 
+def _check(workers: int, prefetch: int) -> None:
+  if workers < 0 or prefetch < 0:
+    raise ValueError(f'workers and prefetch must be >= 0, got {workers}, {prefetch}')
+
+
 def dataset(make: Callable[[int], Any], start: int, stop: int, *, workers: int,
             prefetch: int, worker_env: Mapping[str, str] | None = None):
   """The grain `IterDataset` of `make(k)` for `k` in `range(start, stop)` (see module)."""
-  if workers < 0 or prefetch < 0:
-    raise ValueError(f'workers and prefetch must be >= 0, got {workers}, {prefetch}')
+  _check(workers, prefetch)
   grain = _grain(workers)
   ds = grain.MapDataset.range(start, stop).map(make)
   if workers == 0:
@@ -167,7 +171,7 @@ class Passes:
                worker_env: Mapping[str, str] | None = None):
     self._make, self._num = make, num
     self._options = dict(workers=workers, prefetch=prefetch, worker_env=worker_env)
-    dataset(make, 0, num, **self._options)  # Checks the arguments now.
+    _check(workers, prefetch)
     self._it = None
 
   def __call__(self) -> Iterator[Any]:
