@@ -8,6 +8,8 @@
 - `module_command`: a `python -m MODULE` subprocess with this checkout importable.
 - `signalled_after`, `final_state`: a run stopped by a signal mid-run, and the state a
   workdir's newest checkpoint holds (the in-process resume tests).
+- `take`, `assert_batch_equal`: the first batches of an iterator (closed after), and
+  two batches equal bit for bit (the input pipeline tests).
 """
 
 from __future__ import annotations
@@ -128,3 +130,19 @@ def fake_stdlib(folder, n=40):
   (folder / "pkg").mkdir(exist_ok=True)
   (folder / "pkg" / "inner.py").write_text("x = 1\n")
   return folder
+
+
+def take(iterator, n: int) -> list:
+  """The first `n` items of `iterator`, which is then closed (its data workers stop)."""
+  out = [next(iterator) for _ in range(n)]
+  iterator.close()
+  return out
+
+
+def assert_batch_equal(x: dict, y: dict) -> None:
+  """Same keys, dtypes, shapes and values, bit for bit (signed zeros, NaNs)."""
+  assert x.keys() == y.keys()
+  for k in x:
+    assert x[k].dtype == y[k].dtype and x[k].shape == y[k].shape, k
+    np.testing.assert_array_equal(x[k], y[k])
+    assert np.asarray(x[k]).tobytes() == np.asarray(y[k]).tobytes(), k

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, assert_batch_equal, take
 from ovsw_jax.trainer import input_pipeline as ip
 from ovsw_jax.trainer.data import loader, sources
 import tiny_images
@@ -38,37 +38,24 @@ def _config(data_dir, **kwargs):
       data_dir=str(data_dir), image_size=16, **kwargs))
 
 
-def _take(iterator, n):
-  out = [next(iterator) for _ in range(n)]
-  iterator.close()
-  return out
-
-
-def _assert_same(a, b):
-  assert a.keys() == b.keys()
-  for k in a:
-    assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
-    assert np.asarray(a[k]).tobytes() == np.asarray(b[k]).tobytes(), k
-
-
 def test_workers_make_the_batches_this_process_makes(tmp_path):
   """TensorFlow decoding in two workers; then, with PIL decoding (workers start faster
   without TensorFlow), one worker making the second process's rows from step 2, and
   evaluation passes over kept workers."""
   def here(decoder):
     config = _config(tmp_path, data_workers=0, imagenet_decoder=decoder)
-    return (_take(ip.train_iterator(config, global_batch_size=4, seed=4), 5),  # 1 step/epoch
+    return (take(ip.train_iterator(config, global_batch_size=4, seed=4), 5),  # 1 step/epoch
             list(ip.eval_iterator(config, global_batch_size=4)))
   (train_tf, _), (train_pil, evals) = here('tf'), here('pil')
   two = _config(tmp_path, data_workers=2)
-  for ours, theirs in zip(train_tf, _take(ip.train_iterator(two, global_batch_size=4, seed=4),
+  for ours, theirs in zip(train_tf, take(ip.train_iterator(two, global_batch_size=4, seed=4),
                                           5)):
-    _assert_same(ours, theirs)
-  rows = _take(ip.train_iterator(_config(tmp_path, data_workers=1, imagenet_decoder='pil'),
+    assert_batch_equal(ours, theirs)
+  rows = take(ip.train_iterator(_config(tmp_path, data_workers=1, imagenet_decoder='pil'),
                                  global_batch_size=4, seed=4, start_step=2, process_index=1,
                                  process_count=2), 3)
   for ours, theirs in zip(train_pil[2:], rows):
-    _assert_same({k: v[2:] for k, v in ours.items()}, theirs)
+    assert_batch_equal({k: v[2:] for k, v in ours.items()}, theirs)
   # Passes over kept workers; a pass left midway (its workers stop), then a whole one.
   passes = ip.eval_passes(_config(tmp_path, data_workers=2, imagenet_decoder='pil'),
                           global_batch_size=4)
@@ -77,12 +64,12 @@ def test_workers_make_the_batches_this_process_makes(tmp_path):
       got = list(passes())
       assert len(got) == len(evals) == 2
       for ours, theirs in zip(evals, got):
-        _assert_same(ours, theirs)
+        assert_batch_equal(ours, theirs)
     first = passes()
-    _assert_same(evals[0], next(first))
+    assert_batch_equal(evals[0], next(first))
     first.close()
     for ours, theirs in zip(evals, passes()):
-      _assert_same(ours, theirs)
+      assert_batch_equal(ours, theirs)
   finally:
     passes.close()
 

@@ -28,6 +28,7 @@ from ovsw_jax.trainer.data import device
 from ovsw_jax.trainer.data import imagenet
 from ovsw_jax.trainer.data import tf_images
 from ovsw_jax.trainer.data import sources
+from helpers import assert_batch_equal, take
 import tiny_images
 
 MOCK_EXAMPLES = 20  # With global batch 8: 2 steps per epoch, 3 eval batches.
@@ -58,20 +59,10 @@ def any_config(request, tmp_path):
     yield _config(name, data_dir=str(tmp_path), data_workers=0, decode_threads=2, **extra)
 
 
-def _take(iterator, n):
-  out = [next(iterator) for _ in range(n)]
-  iterator.close()
-  return out
-
-
 def _assert_batches_equal(a, b):
   assert len(a) == len(b)
   for x, y in zip(a, b):
-    assert x.keys() == y.keys()
-    for k in x:
-      assert x[k].dtype == y[k].dtype and x[k].shape == y[k].shape
-      np.testing.assert_array_equal(x[k], y[k])
-      assert x[k].tobytes() == y[k].tobytes()  # Bitwise (signed zeros, NaNs).
+    assert_batch_equal(x, y)
 
 
 # ---------------------------------------------------------------------------
@@ -101,7 +92,7 @@ def test_digits_split_is_fixed_disjoint_stratified():
 def test_digits_normalised_by_train_statistics():
   config = _config('digits', augment=False)
   gb = 479  # 1437 = 3 * 479: one epoch covers the whole training split.
-  batches = _take(ip.train_iterator(config, global_batch_size=gb), 3)
+  batches = take(ip.train_iterator(config, global_batch_size=gb), 3)
   images = np.concatenate([b['image'] for b in batches])
   assert images.shape == (1437, 8, 8, 1) and images.dtype == np.float32
   assert abs(images.mean()) < 1e-4 and abs(images.std() - 1) < 1e-4
@@ -115,7 +106,7 @@ def test_digits_shift_is_at_most_one_pixel():
   split = sources.load_digits_split()
   config = _config('digits')
   step = 5
-  batch = _take(ip.train_iterator(config, global_batch_size=64, start_step=step,
+  batch = take(ip.train_iterator(config, global_batch_size=64, start_step=step,
                                   seed=3), 1)[0]
   idx = ip.global_batch_indices(1437, 64, step, 3)
   mean, std = split['train_images'].mean(), split['train_images'].std()
@@ -137,7 +128,7 @@ def test_digits_shift_is_at_most_one_pixel():
 
 def test_shapes_dtypes_ranges(any_config):
   info = ip.get_info(any_config)
-  batch = _take(ip.train_iterator(any_config, global_batch_size=8), 1)[0]
+  batch = take(ip.train_iterator(any_config, global_batch_size=8), 1)[0]
   assert batch['image'].shape == (8, *info.image_shape)
   assert batch['label'].dtype == np.int32
   assert np.all((batch['label'] >= 0) & (batch['label'] < info.num_classes))
@@ -155,8 +146,8 @@ def test_shapes_dtypes_ranges(any_config):
 
 def test_resume_is_bitwise_identical(any_config):
   k = 3  # Crosses an epoch boundary for the mocked datasets (2 steps/epoch).
-  full = _take(ip.train_iterator(any_config, global_batch_size=8, seed=7), k + 3)
-  resumed = _take(ip.train_iterator(any_config, global_batch_size=8, seed=7,
+  full = take(ip.train_iterator(any_config, global_batch_size=8, seed=7), k + 3)
+  resumed = take(ip.train_iterator(any_config, global_batch_size=8, seed=7,
                                     start_step=k), 3)
   _assert_batches_equal(full[k:], resumed)
 
@@ -168,16 +159,16 @@ def _with(config, **kwargs):
 
 
 def test_prefetch_changes_nothing(any_config):
-  eager = _take(ip.train_iterator(_with(any_config, prefetch=0),
+  eager = take(ip.train_iterator(_with(any_config, prefetch=0),
                                   global_batch_size=8, seed=1), 3)
-  ahead = _take(ip.train_iterator(_with(any_config, prefetch=3),
+  ahead = take(ip.train_iterator(_with(any_config, prefetch=3),
                                   global_batch_size=8, seed=1), 3)
   _assert_batches_equal(eager, ahead)
 
 
 def test_two_processes_concatenate_to_the_global_batch(any_config):
-  one = _take(ip.train_iterator(any_config, global_batch_size=8, seed=2), 3)
-  parts = [_take(ip.train_iterator(any_config, global_batch_size=8, seed=2,
+  one = take(ip.train_iterator(any_config, global_batch_size=8, seed=2), 3)
+  parts = [take(ip.train_iterator(any_config, global_batch_size=8, seed=2,
                                    process_index=i, process_count=2), 3)
            for i in range(2)]
   joined = [{k: np.concatenate([parts[0][s][k], parts[1][s][k]]) for k in one[s]}
@@ -216,8 +207,8 @@ def test_order_is_a_permutation_per_epoch_and_depends_on_seed():
   assert not np.array_equal(epoch0, epoch1)
   other_seed = np.concatenate([ip.global_batch_indices(n, gb, s, 1) for s in range(spe)])
   assert not np.array_equal(epoch0, other_seed)
-  a = _take(ip.train_iterator(_config('digits'), global_batch_size=gb, seed=0), 1)[0]
-  b = _take(ip.train_iterator(_config('digits'), global_batch_size=gb, seed=1), 1)[0]
+  a = take(ip.train_iterator(_config('digits'), global_batch_size=gb, seed=0), 1)[0]
+  b = take(ip.train_iterator(_config('digits'), global_batch_size=gb, seed=1), 1)[0]
   assert not np.array_equal(a['label'], b['label'])
 
 
@@ -260,7 +251,7 @@ def test_pad_and_crop_and_flip_on_a_hand_made_image():
 def test_cifar_train_batch_is_a_crop_and_flip_of_its_example(tmp_path):
   with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
     config = _config('cifar10', data_dir=str(tmp_path))
-    batch = _take(ip.train_iterator(config, global_batch_size=8, start_step=1,
+    batch = take(ip.train_iterator(config, global_batch_size=8, start_step=1,
                                     seed=5), 1)[0]
     raw, labels = sources.load_tfds_arrays('cifar10', 'train', str(tmp_path))
   idx = ip.global_batch_indices(MOCK_EXAMPLES, 8, 1, 5)
@@ -379,13 +370,13 @@ def test_real_array_record_dataset(tmp_path):
                    image_size=16, data_workers=0, decode_threads=3)
   info = ip.get_info(config)
   assert (info.num_train, info.num_eval, info.image_shape) == (7, 5, (16, 16, 3))
-  full = _take(ip.train_iterator(config, global_batch_size=2, seed=4), 5)
-  resumed = _take(ip.train_iterator(config, global_batch_size=2, seed=4,
+  full = take(ip.train_iterator(config, global_batch_size=2, seed=4), 5)
+  resumed = take(ip.train_iterator(config, global_batch_size=2, seed=4,
                                     start_step=4), 1)
   _assert_batches_equal(full[4:], resumed)
   # The decode threads do not change a batch.
   config.decode_threads = 1
-  _assert_batches_equal(full, _take(ip.train_iterator(config, global_batch_size=2, seed=4), 5))
+  _assert_batches_equal(full, take(ip.train_iterator(config, global_batch_size=2, seed=4), 5))
   evals = list(ip.eval_iterator(config, global_batch_size=4, process_index=1,
                                 process_count=2))
   assert [b['mask'].tolist() for b in evals] == [[True, True], [False, False]]
